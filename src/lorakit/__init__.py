@@ -1,0 +1,36 @@
+"""lorakit: Low-Rank Adaptation (Hu et al. 2021, arXiv:2106.09685) for PyTorch models.
+
+    import lorakit as lk
+    cfg = lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    model = lk.inject(model, cfg)          # in place; base frozen; outputs unchanged at step 0
+    lk.save_adapter(model, "out/adapter")  # PEFT layout
+    plain = lk.merge_and_unload(model)     # base architecture, adapter folded in
+"""
+
+from .config import LoraConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConfigError,
+    LoraError,
+    MergeError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+)
+from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, unload
+from .io import adapter_state_dict, load_adapter, read_adapter, read_config, save_adapter, save_adapters
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .merge import count_parameters, merge, merge_and_unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraError", "ConfigError", "TargetNotFoundError", "UnsupportedModuleError", "AdapterLoadError",
+    "AdapterNotFoundError", "AdapterExistsError", "MergeError",
+    "inject", "set_active", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
+    "merge", "unmerge", "merge_and_unload", "count_parameters",
+    "save_adapter", "save_adapters", "load_adapter", "read_adapter", "read_config", "adapter_state_dict",
+    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
+]

@@ -1,0 +1,289 @@
+"""`LoraConfig`: the validated description of one adapter, and its JSON form.
+
+The JSON form is Hugging Face PEFT's `adapter_config.json` vocabulary
+(`lora_alpha`, `lora_dropout`, `init_lora_weights`, `peft_type: "LORA"`, ...),
+so files written here load in PEFT and PEFT's files load here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+BIAS_MODES = ("none", "all", "lora_only")
+# `init` values; "pissa_niter_<k>" (randomised SVD with k subspace iterations) is accepted as well.
+INIT_METHODS = ("kaiming", "gaussian", "pissa", "olora")
+
+# Keys of PEFT's LoraConfig (0.21) that lorakit reads as plain metadata, or accepts
+# only at their "feature off" value. Anything else in a config file is an error, so
+# a typo such as `lora_alpah` cannot silently fall back to a default.
+_PEFT_METADATA_KEYS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "fan_in_fan_out", "megatron_core", "qalora_group_size",
+}
+_PEFT_OFF_KEYS = {  # key -> values meaning "not used"
+    "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({}, None),
+    "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
+    "velora_config": (None,), "alora_invocation_tokens": (None,), "use_qalora": (False, None),
+    "monteclora_config": (None,), "layer_replication": (None,), "lora_bias": (False, None),
+    "target_parameters": (None, []), "use_bdlora": (None, False), "arrow_config": (None,),
+    "kasa_config": (None,), "ensure_weight_tying": (False, None),
+}
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter (Hu et al. 2021, arXiv:2106.09685, §4.1).
+
+    Args:
+        r: rank of the update; `A: (r, in_features)`, `B: (out_features, r)`. Integer > 0.
+        alpha: scale numerator; the update is multiplied by `scaling = alpha / r`
+            (or `alpha / sqrt(r)` with `use_rslora`). Number > 0.
+        dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        target_modules: which modules to adapt. A list of names, each matched as a
+            whole dotted suffix of the module path (`"q_proj"` matches
+            `model.layers.0.self_attn.q_proj`); a regex string matched against the
+            full path (`re.fullmatch`); or `"all-linear"`: every `nn.Linear` and GPT-2
+            `Conv1D` except the output head.
+        exclude_modules: modules never adapted; same matching rules as `target_modules`.
+        use_rslora: rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023,
+            arXiv:2312.03732).
+        init: `"kaiming"` (A Kaiming-uniform with a=sqrt(5), as `nn.Linear`; B zero,
+            paper §4.1) or `"gaussian"` (A ~ N(0, 1/r); B zero).
+        bias: `"none"` (all biases frozen), `"all"` (every bias trainable) or
+            `"lora_only"` (biases of adapted modules trainable).
+        modules_to_save: modules (same suffix matching) of which a trainable copy is
+            kept and saved with the adapter, e.g. a classification head.
+        rank_pattern / alpha_pattern: per-module overrides of `r` / `alpha`; keys are
+            regexes matched against the end of the module path.
+        layers_to_transform: only adapt modules in these layer indices.
+        layers_pattern: the name of the layer list (`"layers"`, `"h"`) used to find
+            the layer index; any numbered segment when unset.
+        use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353).
+        base_model_name_or_path, task_type: metadata written into the adapter file.
+
+    Raises:
+        ConfigError: naming the first invalid field.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    init: str = "kaiming"
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    use_dora: bool = False
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (tuple, set, frozenset)):
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, (set, frozenset)) else list(self.target_modules)
+        if isinstance(self.exclude_modules, (tuple, set, frozenset)):
+            self.exclude_modules = sorted(self.exclude_modules) if isinstance(self.exclude_modules, (set, frozenset)) else list(self.exclude_modules)
+        if isinstance(self.modules_to_save, (tuple, set, frozenset)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, (tuple, range)):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise `ConfigError` naming the first bad one."""
+        _positive_int("r", self.r)
+        _positive_number("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be a number in [0, 1), got {self.dropout!r}")
+        _module_selector("target_modules", self.target_modules, required=True)
+        _module_selector("exclude_modules", self.exclude_modules, required=False)
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.init, str) or not (
+            self.init in INIT_METHODS or re.fullmatch(r"pissa_niter_\d+", self.init)
+        ):
+            raise ConfigError("init", f"must be one of {', '.join(INIT_METHODS)} or 'pissa_niter_<k>', got {self.init!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError("bias", f"must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ConfigError("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
+        for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ConfigError(name, f"must be a mapping of regex -> value, got {pattern!r}")
+            for key, value in pattern.items():
+                _regex(name, key)
+                check(f"{name}[{key!r}]", value)
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(items, list) or not items or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+            ):
+                raise ConfigError("layers_to_transform", f"must be a layer index or a non-empty list of indices >= 0, got {layers!r}")
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ConfigError("layers_pattern", "only has a meaning together with layers_to_transform")
+            pats = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
+                raise ConfigError("layers_pattern", f"must be a name or list of names, got {self.layers_pattern!r}")
+
+    # ------------------------------------------------------------------ per-module values
+    def rank_for(self, path: str) -> int:
+        """The rank of the module at `path`: `rank_pattern`'s first matching key, else `r`."""
+        key = pattern_key(self.rank_pattern, path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the module at `path`: `alpha_pattern`'s first matching key, else `alpha`."""
+        key = pattern_key(self.alpha_pattern, path)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scaling_for(self, path: str) -> float:
+        """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA, for the module at `path`."""
+        return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
+
+    # ------------------------------------------------------------------ JSON (PEFT vocabulary)
+    def to_peft_dict(self, fan_in_fan_out: bool = False) -> dict[str, Any]:
+        """The `adapter_config.json` content, in PEFT's key names."""
+        init = {"kaiming": True}.get(self.init, self.init)
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "modules_to_save": self.modules_to_save,
+            "init_lora_weights": init,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "use_dora": self.use_dora,
+            "lora_bias": False,
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Read a PEFT-style `adapter_config.json` mapping.
+
+        Raises:
+            ConfigError: an unknown key, a PEFT feature lorakit does not implement
+                (named), a `peft_type` other than LORA, or an invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError("adapter_config", f"must be a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ConfigError("peft_type", f"lorakit reads LoRA adapters only, got {peft_type!r}")
+        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = renames.get(key, key)
+            if name in own:
+                kwargs[name] = value
+            elif key in _PEFT_METADATA_KEYS:
+                continue
+            elif key in _PEFT_OFF_KEYS:
+                if not any(value == off and type(value) is type(off) for off in _PEFT_OFF_KEYS[key]):
+                    raise ConfigError(key, f"this PEFT feature is not supported by lorakit (value {value!r})")
+            else:
+                raise ConfigError(key, "unknown field in adapter config")
+        if "init" in kwargs:
+            init = kwargs["init"]
+            if init is True:
+                kwargs["init"] = "kaiming"
+            elif init is False or not isinstance(init, str):
+                raise ConfigError("init_lora_weights", f"unsupported value {init!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        return cls(**kwargs)
+
+    def to_json(self, fan_in_fan_out: bool = False) -> str:
+        return json.dumps(self.to_peft_dict(fan_in_fan_out), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("adapter_config", f"not valid JSON ({exc})") from None
+        return cls.from_peft_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoraConfig":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's output scale: `alpha / r` (paper §4.1) or `alpha / sqrt(r)` (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """First key of `patterns` whose regex matches the end of `path` at a dot boundary (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(name, f"must be an integer > 0, got {value!r}")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(name, f"must be a finite number > 0, got {value!r}")
+
+
+def _regex(name: str, pattern: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(name, f"patterns must be non-empty strings, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(name, f"invalid regex {pattern!r} ({exc})") from None
+
+
+def _module_selector(name: str, value: Any, required: bool) -> None:
+    if value is None or value == [] or value == "":
+        if required:
+            raise ConfigError(name, "is empty: name the modules to adapt (a list of names, a regex, or 'all-linear')")
+        return
+    if isinstance(value, str):
+        if value != "all-linear":
+            _regex(name, value)
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(name, f"must be a list of module names, a regex string or 'all-linear', got {value!r}")

@@ -1,0 +1,285 @@
+"""Adapter files in the Hugging Face PEFT layout.
+
+A saved adapter is a folder with
+
+- `adapter_config.json`: the `LoraConfig` in PEFT's vocabulary;
+- `adapter_model.safetensors`: tensors keyed `base_model.model.<module path>.lora_A.weight`
+  `(r, in)` and `.lora_B.weight` `(out, r)` (embeddings: `.lora_embedding_A` `(r, num)`,
+  `.lora_embedding_B` `(dim, r)`; DoRA: `.lora_magnitude_vector`), plus the tensors of
+  `modules_to_save` copies under the module's own parameter names.
+
+This is what PEFT's `PeftModel.from_pretrained`, transformers' `load_adapter` and vLLM
+read. Loading validates everything (keys, shapes, dtypes, finiteness, agreement with
+the config) before the model is touched; pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterLoadError, ConfigError, LoraError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .inject import check_adapter_name, inject, plan, set_active, unload, delete_adapter
+from .layers import LoraLayer, ModulesToSave, wrapper_for
+from .layers.linear import LoraLinear
+from .state import get_state, has_adapters, lora_layers, require_adapter, save_wrappers, unwrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+# The config is also stored in the weights file's metadata: the weights file is
+# renamed into place first, so after a crash between the two renames the folder
+# still describes one consistent version (the new one).
+META_CONFIG = "lorakit_adapter_config"
+
+
+def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their PEFT file keys (`base_model.model.<path>...`), detached, on CPU."""
+    require_adapter(model, adapter)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        key_a, key_b = layer.file_keys
+        out[f"{PREFIX}{path}.{key_a}"] = layer.lora_A[adapter]
+        out[f"{PREFIX}{path}.{key_b}"] = layer.lora_B[adapter]
+        for attr, tensor in layer.variants[adapter].parameters(layer, adapter).items():
+            out[f"{PREFIX}{path}.{attr}"] = tensor
+    for path, wrapper in save_wrappers(model):
+        if adapter in wrapper.modules_to_save:
+            for name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
+                out[f"{PREFIX}{path}.{name}"] = tensor
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool]:
+    config = require_adapter(model, adapter)
+    layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
+    if config.target_modules == "all-linear":  # as PEFT does: write the resolved module list
+        config = config.replace(target_modules=sorted(p for p, _ in layers))
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
+        if name:
+            config = config.replace(base_model_name_or_path=str(name))
+    fan_in_fan_out = any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for _, layer in layers)
+    return config, fan_in_fan_out
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
+    """Write adapter `adapter` to folder `path` in the PEFT layout (created if missing).
+
+    Only the adapter's tensors are written (never base weights), in their training
+    dtype. Each file is replaced atomically, weights first, so a crash mid-save
+    leaves a loadable folder (the old version, or the new one).
+
+    Returns:
+        The folder path.
+    Raises:
+        AdapterNotFoundError: the model has no adapter `adapter`.
+        LoraError: `path` exists and is not a folder.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LoraError(f"cannot save adapter to {folder}: it exists and is not a folder")
+    tensors = adapter_state_dict(model, adapter)
+    config, fan_in_fan_out = _config_for_file(model, adapter)
+    config_json = config.to_json(fan_in_fan_out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json}))
+    atomic_write_text(folder / CONFIG_NAME, config_json)
+    return folder
+
+
+# ---------------------------------------------------------------------- loading
+@dataclass
+class AdapterFiles:
+    """A read and checked adapter folder."""
+
+    folder: Path
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter(path: str | Path) -> AdapterFiles:
+    """Read `adapter_config.json` and `adapter_model.safetensors` from `path` without touching any model.
+
+    Raises:
+        AdapterLoadError: missing folder/files, a pickle-only adapter, a corrupt or
+            truncated safetensors file, non-float or non-finite tensors (naming file and key).
+        ConfigError: an invalid or unknown config field (naming the file and field).
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise AdapterLoadError(f"adapter path {folder} does not exist")
+    if folder.is_file():
+        if folder.name == CONFIG_NAME or folder.suffix == ".safetensors":
+            folder = folder.parent
+        else:
+            raise AdapterLoadError(f"adapter path {folder} is a file; pass the adapter folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_NAMES if (folder / p).exists()]
+        if pickles:
+            raise AdapterLoadError(
+                f"{folder / pickles[0]} is a pickle file, which can run arbitrary code when loaded; lorakit loads only "
+                f"safetensors. If you trust its source, convert it once: `python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load('{folder / pickles[0]}', weights_only=True), '{weights}')\"`"
+            )
+        raise AdapterLoadError(f"no {WEIGHTS_NAME} in {folder}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterLoadError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
+    config_file = folder / CONFIG_NAME
+    embedded = metadata.get(META_CONFIG)
+    if config_file.is_file():
+        text = config_file.read_text(encoding="utf-8", errors="replace")
+        if embedded is not None and embedded != text:
+            text = embedded  # a save stopped between the two renames: the weights file is the newer
+    elif embedded is not None:
+        text = embedded
+    else:
+        raise AdapterLoadError(f"no {CONFIG_NAME} in {folder}")
+    try:
+        config = LoraConfig.from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{str(exc)[len(exc.field) + 2:]} (in {config_file})") from None
+    except TypeError as exc:
+        raise ConfigError("adapter_config", f"{exc} (in {config_file})") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point")
+        if not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"{weights}: tensor {key!r} contains NaN or Inf values")
+    return AdapterFiles(folder, config, tensors)
+
+
+def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
+    """Map every file key to the (module path, attribute) it loads into, checking shapes against the model.
+
+    Returns the inject plan and `{file key: (path, attr, expected shape)}`.
+    """
+    config = files.config
+    weights = files.folder / WEIGHTS_NAME
+    try:
+        p = plan(model, config)
+    except LoraError as exc:
+        raise AdapterLoadError(f"{files.folder}: adapter does not fit this model: {exc}") from None
+    expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for path, module in p.targets:
+        layer = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
+        shape_a, shape_b = layer.lora_shapes(config.rank_for(path))
+        key_a, key_b = layer.file_keys
+        expected[f"{PREFIX}{path}.{key_a}"] = (path, "lora_A", tuple(shape_a))
+        expected[f"{PREFIX}{path}.{key_b}"] = (path, "lora_B", tuple(shape_b))
+        if config.use_dora:
+            expected[f"{PREFIX}{path}.lora_magnitude_vector"] = (path, "lora_magnitude_vector", (layer.out_features,))
+    for path, module in p.saves:
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        for name, tensor in original.state_dict().items():
+            expected[f"{PREFIX}{path}.{name}"] = (path, name, tuple(tensor.shape))
+    for key, tensor in files.tensors.items():
+        if key not in expected:
+            hint = "" if key.startswith(PREFIX) else f" (PEFT keys start with {PREFIX!r})"
+            raise AdapterLoadError(
+                f"{weights}: unexpected key {key!r}{hint}: no module of {type(model).__name__} selected by the adapter's config "
+                "(target_modules / modules_to_save) has it"
+            )
+        shape = expected[key][2]
+        if tuple(tensor.shape) != shape:
+            raise AdapterLoadError(
+                f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, but this model needs {shape} "
+                f"(config r={config.rank_for(expected[key][0])})"
+            )
+    missing = [k for k in expected if k not in files.tensors]
+    if missing:
+        raise AdapterLoadError(f"{weights}: missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return p, expected
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter: str = "default",
+    *,
+    trainable: bool = True,
+    activate: bool | None = None,
+) -> nn.Module:
+    """Load a PEFT-layout adapter folder into `model` as adapter `adapter`.
+
+    Injects the adapter's layers if needed, checks every key, shape, dtype and value
+    against the model and the config *before* changing anything, then copies the
+    tensors in. The loaded adapter is trainable unless `trainable=False`. It becomes
+    active if it is the model's first adapter, or if `activate=True`.
+
+    Returns:
+        `model`.
+    Raises:
+        AdapterLoadError: naming the file and the first bad key (missing, unexpected,
+            wrong shape, non-finite), or a folder that is missing, pickle-only or corrupt.
+        ConfigError: an invalid `adapter_config.json` field.
+        AdapterExistsError: the model already has an adapter of that name.
+    """
+    check_adapter_name(model, adapter)
+    files = read_adapter(path)
+    inner = unwrap(model)
+    p, expected = _expected_tensors(inner, files, adapter)
+
+    first = not has_adapters(inner)
+    previous_active = () if first else get_state(inner).active
+    try:
+        inject(inner, files.config, adapter, plan_=p)
+        for key, tensor in files.tensors.items():
+            path_, attr, _ = expected[key]
+            target = _target_tensor(inner, path_, attr, adapter)
+            with torch.no_grad():
+                target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+            if isinstance(target, nn.Parameter):
+                target.requires_grad_(trainable)
+    except BaseException:
+        if first:
+            unload(inner)
+        elif adapter in get_state(inner).configs:
+            delete_adapter(inner, adapter)
+            set_active(inner, previous_active)
+        raise
+    set_active(inner, [adapter] if (first or activate) else previous_active)
+    return model
+
+
+def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torch.Tensor:
+    module = model.get_submodule(path)
+    if isinstance(module, ModulesToSave):
+        copy = module.modules_to_save[adapter]
+        return copy.get_parameter(attr) if attr in dict(copy.named_parameters()) else copy.get_buffer(attr)
+    if attr in ("lora_A", "lora_B"):
+        return getattr(module, attr)[adapter]
+    return module.adapter_parameters(adapter)[attr]
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> Path:
+    """Save every adapter PEFT-style: `default` (or the first) in `path`, others in `path/<name>/`."""
+    names = list(get_state(model).configs)
+    root = "default" if "default" in names else names[0]
+    for name in names:
+        save_adapter(model, Path(path) if name == root else Path(path) / name, name)
+    return Path(path)
+
+
+def read_config(path: str | Path) -> LoraConfig:
+    """The `LoraConfig` of a saved adapter folder."""
+    return read_adapter(path).config
+
+
+__all__ = ["save_adapter", "save_adapters", "load_adapter", "read_adapter", "read_config", "adapter_state_dict"]

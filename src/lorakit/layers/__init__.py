@@ -1,0 +1,33 @@
+"""Adapted layer kinds and the rule choosing one for a module."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LoraLayer
+from .embedding import LoraEmbedding
+from .linear import LoraLinear, is_conv1d
+from .save import ModulesToSave
+
+
+def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The `LoraLayer` subclass that adapts `module`, or None if its type is unsupported."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None  # nn.MultiheadAttention reads out_proj.weight directly: a wrapper would be bypassed
+    if type(module).__module__.startswith("bitsandbytes"):
+        return None
+    if type(module) is nn.Linear or is_conv1d(module) or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Linear or GPT-2 Conv1D (what `"all-linear"` selects), adapted or not."""
+    if isinstance(module, LoraLayer):
+        module = module.base_layer
+    return wrapper_for(module) is LoraLinear
+
+
+__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "wrapper_for", "is_conv1d", "is_linear_like"]

@@ -1,0 +1,234 @@
+"""`LoraLayer`: the state every adapted layer shares (adapters, activity, merge).
+
+A `LoraLayer` owns the original module as `base_layer` and, per adapter name,
+`lora_A[name]` and `lora_B[name]` parameters. Subclasses (one per layer kind)
+supply the kind's math: `delta_weight`, `add_lora` (the forward contribution) and
+the shapes of A and B. Variants (plain LoRA, DoRA, ...) are strategies that use
+those primitives; see `lorakit.variants`.
+
+Merge rule (paper §4.2, made exact): the merged weight is always computed from
+the saved original `W0` as `round(W0 + sum(delta_weight))`, in float32 (float64
+for a float64 base), rounded once into the base dtype. Unmerge writes the saved
+`W0` back, bit for bit; nothing is ever subtracted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNotFoundError, MergeError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for merges: float64 for a float64 base, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LoraLayer(nn.Module):
+    """Base class of adapted layers. Not used directly; see `LoraLinear`, `LoraEmbedding`, `LoraConv`.
+
+    Attributes:
+        base_layer: the original module, frozen, weights unchanged unless merged.
+        lora_A, lora_B: `nn.ParameterDict` of adapter name -> tensor.
+        r, lora_alpha, scaling, lora_dropout: dicts of adapter name -> value.
+        active_adapters: names whose update the forward applies (merged or not).
+        merged_adapters: names currently folded into `base_layer`'s weight.
+    """
+
+    # How the adapter tensors are named in PEFT files, relative to the module path.
+    file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.variants: dict[str, object] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.disabled = False
+        # Adapters the forward computes explicitly: active, not merged, not disabled.
+        # Kept precomputed so forward has no per-call selection logic.
+        self._forward_adapters: tuple[str, ...] = ()
+        self._weight_backup: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ kind-specific
+    @property
+    def in_features(self) -> int:  # A: (r, in_features)
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:  # B: (out_features, r)
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (merged adapters included while merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank `r`."""
+        return (r, self.in_features), (self.out_features, r)
+
+    def init_lora(self, name: str, init: str) -> None:
+        """Initialise A and B so that the update is zero (paper §4.1)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if A.device.type == "meta":
+            return
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.r[name])
+            else:  # "kaiming", as nn.Linear initialises its weight
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`scaling * B @ A` in the base weight's layout, computed in `dtype` (default float32)."""
+        raise NotImplementedError
+
+    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`result + scaling * B(A(dropout(x)))` for one adapter."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        init: str = "kaiming",
+        variant: object | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Create adapter `name` with rank `r`; parameters live on the base weight's device.
+
+        `dtype` defaults to float32 for a half-precision base (stable training, as
+        PEFT's `autocast_adapter_dtype`), else the base weight's dtype.
+        """
+        from ..variants import get_variant
+
+        w = self.weight
+        if dtype is None:
+            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.dtype.is_floating_point else w.dtype
+        shape_a, shape_b = self.lora_shapes(r)
+        self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=w.device))
+        self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=w.device))
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = scaling
+        self.lora_dropout[name] = dropout
+        self.variants[name] = variant if variant is not None else get_variant("lora")
+        self.init_lora(name, init)
+        self.variants[name].init(self, name)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable tensors of adapter `name`, by attribute name (`lora_A`, `lora_B`, ...)."""
+        out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        out.update(self.variants[name].parameters(self, name))
+        return out
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        self.variants[name].delete(self, name)
+        for table in (self.lora_A, self.lora_B):
+            del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.variants):
+            del table[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+        self._refresh()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self.lora_A.keys())
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Make exactly `names` (those this layer has) active; merged adapters leaving the set are unmerged."""
+        names = tuple(n for n in names if n in self.lora_A)
+        if any(m not in names for m in self.merged_adapters):
+            self.unmerge()
+        self.active_adapters = names
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        if disabled and self.merged_adapters:
+            raise MergeError("unmerge before disabling adapters (lorakit.disabled does this for you)")
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._forward_adapters = () if self.disabled else tuple(
+            a for a in self.active_adapters if a not in self.merged_adapters
+        )
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight, rounding once.
+
+        Merging an adapter that is already merged is a no-op. Raises
+        `AdapterNotFoundError` for a name this layer does not have.
+        """
+        names = tuple(self.active_adapters if names is None else names)
+        for n in names:
+            if n not in self.lora_A:
+                raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
+        new = tuple(n for n in names if n not in self.merged_adapters)
+        if not new:
+            return
+        w = self.weight
+        if self._weight_backup is None:
+            self._weight_backup = w.detach().clone()
+        merged = self.merged_adapters + new
+        with torch.no_grad():
+            w.copy_(self.merged_weight(merged))
+        self.merged_adapters = merged
+        self._refresh()
+
+    def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
+        """The base weight with `names` folded in, from the original `W0`, in the base dtype."""
+        w0 = self._weight_backup if self._weight_backup is not None else self.weight.detach()
+        acc = w0.to(compute_dtype(w0.dtype))
+        for n in names:
+            acc = self.variants[n].merged_weight(self, n, acc)
+        return acc.to(w0.dtype)
+
+    def unmerge(self) -> None:
+        """Write the saved original weight back, bit for bit. No-op when nothing is merged."""
+        if not self.merged_adapters:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self._weight_backup)
+        self._weight_backup = None
+        self.merged_adapters = ()
+        self._refresh()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._forward_adapters:
+            result = self.variants[name].forward(self, name, x, result)
+        return result
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.lora_A]
+        return "; ".join(parts)
+
+    def _apply(self, fn, recurse=True):  # keep the merge backup on the weight's device/dtype
+        out = super()._apply(fn, recurse)
+        if self._weight_backup is not None:
+            self._weight_backup = fn(self._weight_backup)
+        return out

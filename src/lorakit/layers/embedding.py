@@ -1,0 +1,50 @@
+"""LoRA on `nn.Embedding` (PEFT keys `lora_embedding_A` / `lora_embedding_B`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """`h = E[x] + scaling * (A^T[x]) B^T` for token ids `x: (...)` (int64).
+
+    Shapes follow PEFT: `A: (r, num_embeddings)`, `B: (embedding_dim, r)`; the
+    update of the `(num_embeddings, embedding_dim)` table is `(scaling * B @ A)^T`.
+    As in PEFT, A starts at zero and B is Gaussian (the lookup makes A's rows
+    sparse-updated, so it is the zero side); dropout does not apply to ids.
+    """
+
+    file_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def init_lora(self, name: str, init: str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if A.device.type == "meta":
+            return
+        with torch.no_grad():
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or torch.float32
+        return ((self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]).T
+
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        xa = self._lookup(x, A.T)  # (..., r)
+        return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
