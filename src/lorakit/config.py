@@ -222,7 +222,14 @@ class LoraConfig:
         for key in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:  # name the field as the file spells it
+            file_names = {v: k for k, v in renames.items()}
+            own_name = exc.field.split("[", 1)[0]
+            if own_name in file_names:
+                raise ConfigError(file_names[own_name] + exc.field[len(own_name):], exc.detail) from None
+            raise
 
     def to_json(self, fan_in_fan_out: bool = False) -> str:
         return json.dumps(self.to_peft_dict(fan_in_fan_out), indent=2, sort_keys=True) + "\n"

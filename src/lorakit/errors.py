@@ -15,6 +15,7 @@ class ConfigError(LoraError, ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field}: {message}")
 
 

@@ -154,7 +154,7 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     try:
         config = LoraConfig.from_json(text)
     except ConfigError as exc:
-        raise ConfigError(exc.field, f"{str(exc)[len(exc.field) + 2:]} (in {config_file})") from None
+        raise ConfigError(exc.field, f"{exc.detail} (in {config_file})") from None
     except TypeError as exc:
         raise ConfigError("adapter_config", f"{exc} (in {config_file})") from None
     for key, tensor in tensors.items():
