@@ -18,10 +18,12 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from .combine import CombineReport, combine
 from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, unload
 from .io import adapter_state_dict, load_adapter, read_adapter, read_config, save_adapter, save_adapters
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import count_parameters, merge, merge_and_unload, unmerge
+from .mixed import mixed_batch
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,7 @@ __all__ = [
     "LoraError", "ConfigError", "TargetNotFoundError", "UnsupportedModuleError", "AdapterLoadError",
     "AdapterNotFoundError", "AdapterExistsError", "MergeError",
     "inject", "set_active", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
-    "merge", "unmerge", "merge_and_unload", "count_parameters",
+    "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
     "save_adapter", "save_adapters", "load_adapter", "read_adapter", "read_config", "adapter_state_dict",
-    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
+    "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
 ]

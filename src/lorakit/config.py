@@ -67,6 +67,12 @@ class LoraConfig:
         layers_pattern: the name of the layer list (`"layers"`, `"h"`) used to find
             the layer index; any numbered segment when unset.
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353).
+        fused_slices: per-slice adapters on fused projections (the paper's reference
+            code, loralib's `MergedLinear`): regex key (as `rank_pattern`) -> a list of
+            booleans splitting the output features into equal slices (`[True, False,
+            True]`: q and v of a fused qkv), or `{"sizes": [...], "enable": [...]}` for
+            unequal slices. Each enabled slice gets its own rank-`r` update; the rest
+            of the output is left alone. Linear / Conv1D only.
         base_model_name_or_path, task_type: metadata written into the adapter file.
 
     Raises:
@@ -87,6 +93,7 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     use_dora: bool = False
+    fused_slices: dict[str, Any] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
@@ -129,6 +136,11 @@ class LoraConfig:
             for key, value in pattern.items():
                 _regex(name, key)
                 check(f"{name}[{key!r}]", value)
+        if not isinstance(self.fused_slices, dict):
+            raise ConfigError("fused_slices", f"must be a mapping of regex -> slices, got {self.fused_slices!r}")
+        for key, value in self.fused_slices.items():
+            _regex("fused_slices", key)
+            _slices(f"fused_slices[{key!r}]", value)
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
@@ -154,15 +166,40 @@ class LoraConfig:
         key = pattern_key(self.alpha_pattern, path)
         return self.alpha_pattern[key] if key is not None else self.alpha
 
+    def slices_for(self, path: str) -> tuple[list[int] | None, list[bool]] | None:
+        """`(sizes or None for equal split, enable)` of the module at `path`, or None if not sliced."""
+        key = pattern_key(self.fused_slices, path)
+        if key is None:
+            return None
+        value = self.fused_slices[key]
+        if isinstance(value, dict):
+            return list(value["sizes"]), list(value["enable"])
+        return None, list(value)
+
     def scaling_for(self, path: str) -> float:
         """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA, for the module at `path`."""
         return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
 
     # ------------------------------------------------------------------ JSON (PEFT vocabulary)
-    def to_peft_dict(self, fan_in_fan_out: bool = False) -> dict[str, Any]:
-        """The `adapter_config.json` content, in PEFT's key names."""
+    def to_peft_dict(self, fan_in_fan_out: bool = False, fused: dict[str, dict] | None = None) -> dict[str, Any]:
+        """The `adapter_config.json` content, in PEFT's key names.
+
+        `fused` maps each module path with per-slice adapters to its resolved slices
+        (`sizes`, `enable`). In the file such a module is a plain LoRA of rank
+        `r * k` (k enabled slices, block-diagonal B), so PEFT and vLLM read it exactly;
+        `lorakit_fused_slices` records the slices so that lorakit reads it back compact.
+        """
         init = {"kaiming": True}.get(self.init, self.init)
-        return {
+        rank_pattern, alpha_pattern, records = dict(self.rank_pattern), dict(self.alpha_pattern), {}
+        for path, spec in (fused or {}).items():
+            key, k = re.escape(path), sum(spec["enable"])
+            r, alpha = self.rank_for(path), self.alpha_for(path)
+            dense_r = r * k
+            rank_pattern[key] = dense_r
+            dense_scale = math.sqrt(dense_r) if self.use_rslora else dense_r
+            alpha_pattern[key] = scaling(alpha, r, self.use_rslora) * dense_scale
+            records[path] = {"sizes": list(spec["sizes"]), "enable": list(spec["enable"]), "r": r, "alpha": alpha}
+        out = {
             "peft_type": "LORA",
             "task_type": self.task_type,
             "base_model_name_or_path": self.base_model_name_or_path,
@@ -178,13 +215,18 @@ class LoraConfig:
             "init_lora_weights": init,
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
             "use_dora": self.use_dora,
             "lora_bias": False,
             "inference_mode": True,
             "revision": None,
         }
+        if records:
+            out["lorakit_fused_slices"] = records
+        elif self.fused_slices:
+            out["lorakit_fused_slices"] = dict(self.fused_slices)
+        return out
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
@@ -199,6 +241,7 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError("peft_type", f"lorakit reads LoRA adapters only, got {peft_type!r}")
+        data = _unfuse(data)
         renames = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
         own = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -231,8 +274,8 @@ class LoraConfig:
                 raise ConfigError(file_names[own_name] + exc.field[len(own_name):], exc.detail) from None
             raise
 
-    def to_json(self, fan_in_fan_out: bool = False) -> str:
-        return json.dumps(self.to_peft_dict(fan_in_fan_out), indent=2, sort_keys=True) + "\n"
+    def to_json(self, fan_in_fan_out: bool = False, fused: dict[str, dict] | None = None) -> str:
+        return json.dumps(self.to_peft_dict(fan_in_fan_out, fused), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "LoraConfig":
@@ -262,6 +305,47 @@ def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+def _unfuse(data: dict[str, Any]) -> dict[str, Any]:
+    """Undo `to_peft_dict`'s dense encoding of per-slice adapters (key `lorakit_fused_slices`)."""
+    records = data.get("lorakit_fused_slices")
+    if records is None:
+        return data
+    if not isinstance(records, dict):
+        raise ConfigError("lorakit_fused_slices", f"must be a mapping, got {records!r}")
+    data = dict(data)
+    del data["lorakit_fused_slices"]
+    rank_pattern = dict(data.get("rank_pattern") or {})
+    alpha_pattern = dict(data.get("alpha_pattern") or {})
+    fused = {}
+    for path, rec in records.items():
+        if isinstance(rec, dict) and "r" in rec:  # resolved per-path record written by lorakit
+            key = re.escape(path)
+            rank_pattern.pop(key, None)
+            alpha_pattern.pop(key, None)
+            if rec["r"] != data.get("r"):
+                rank_pattern[key] = rec["r"]
+            if rec["alpha"] != data.get("lora_alpha"):
+                alpha_pattern[key] = rec["alpha"]
+            fused[key] = {"sizes": rec.get("sizes"), "enable": rec.get("enable")}
+        else:
+            fused[path] = rec
+    data.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, fused_slices=fused)
+    return data
+
+
+def _slices(name: str, value: Any) -> None:
+    if isinstance(value, dict):
+        sizes, enable = value.get("sizes"), value.get("enable")
+        if set(value) != {"sizes", "enable"} or not isinstance(sizes, list) or not isinstance(enable, list) or len(sizes) != len(enable):
+            raise ConfigError(name, f"must be {{'sizes': [...], 'enable': [...]}} of equal lengths, got {value!r}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise ConfigError(name, f"sizes must be integers > 0, got {sizes!r}")
+    else:
+        enable = value
+    if not isinstance(enable, list) or len(enable) < 2 or not all(isinstance(e, bool) for e in enable) or not any(enable):
+        raise ConfigError(name, f"needs a list of at least two booleans with at least one true, got {enable!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:

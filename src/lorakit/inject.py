@@ -9,11 +9,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, LoraError, TargetNotFoundError, UnsupportedModuleError
-from .layers import LoraLayer, ModulesToSave, is_linear_like, wrapper_for
+from .layers import LoraLayer, LoraLinear, ModulesToSave, is_linear_like, wrapper_for
+from .layers.linear import SliceSpec
 from .state import drop_state, get_state, has_adapters, lora_layers, replace_module, save_wrappers, unwrap, walk
 from .variants import get_variant
 
@@ -116,9 +118,21 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         if isinstance(module, ModulesToSave) or wrapper_for(base) is None:
             raise UnsupportedModuleError(
                 f"module {path!r} of type {type(base).__module__}.{type(base).__name__} matched target_modules "
-                f"{config.target_modules!r} but cannot be adapted (supported: Linear, GPT-2 Conv1D, Embedding); "
+                f"{config.target_modules!r} but cannot be adapted (supported: Linear, GPT-2 Conv1D, Embedding, Conv1d/2d/3d); "
                 "narrow target_modules or add it to exclude_modules"
             )
+        problem = wrapper_for(base).check_rank(base, config.rank_for(path))
+        slices = config.slices_for(path)
+        if slices is not None:
+            if wrapper_for(base) is not LoraLinear:
+                problem = f"fused_slices needs a Linear or Conv1D layer, not {type(base).__name__}"
+            else:
+                try:
+                    SliceSpec.resolve(slices, LoraLinear(base).out_features, "cpu")
+                except ValueError as exc:
+                    problem = f"fused_slices: {exc}"
+        if problem:
+            raise UnsupportedModuleError(f"module {path!r}: {problem}")
     if isinstance(config.target_modules, list):
         unused = [t for t in config.target_modules if not any(_matches([t], p) for p, _ in targets)]
         if unused:
@@ -189,23 +203,46 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
             dropout=config.dropout,
             init=config.init,
             variant=variant,
+            slices=config.slices_for(path),
         )
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         if wrapper is not module:
             replace_module(inner, path, wrapper)
         wrapper.add_adapter(adapter)
-    if config.bias == "all":
-        for name, param in inner.named_parameters():
-            if name.endswith("bias") and ".lora_" not in name:
-                param.requires_grad_(True)
 
+    state = get_state(inner, create=True)
+    for owner, _ in trainable_biases(inner, config.bias, {path for path, _ in p.targets}):
+        # biases are base tensors: keep the originals so that unload() restores them
+        if all(o is not owner for o, _ in state.bias_backup):
+            state.bias_backup.append((owner, owner.bias.detach().clone()))
+        owner.bias.requires_grad_(True)
     state = get_state(inner, create=True)
     state.configs[adapter] = config
     set_active(inner, [adapter])
     return model
+
+
+def trainable_biases(model: nn.Module, mode: str, adapted: set[str]) -> list[tuple[nn.Module, str]]:
+    """The base modules whose bias `mode` trains, with the bias's key in the adapted model.
+
+    `adapted` holds the paths that carry (or are about to carry) the adapter.
+    `"all"`: every bias outside adapter internals; `"lora_only"`: biases of the
+    adapted layers. Keys are PEFT's (`<path>.base_layer.bias` for adapted layers).
+    """
+    if mode == "none":
+        return []
+    out = []
+    for path, module in walk(unwrap(model)):
+        if isinstance(module, ModulesToSave):
+            continue
+        wrapped = isinstance(module, LoraLayer) or path in adapted
+        if mode == "lora_only" and path not in adapted:
+            continue
+        owner = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(owner._parameters.get("bias"), nn.Parameter):
+            out.append((owner, f"{path}.base_layer.bias" if wrapped else f"{path}.bias"))
+    return out
 
 
 def set_active(model: nn.Module, adapters: str | Iterable[str]) -> None:
@@ -302,5 +339,9 @@ def unload(model: nn.Module) -> nn.Module:
         replace_module(inner, path, layer.base_layer)
     for path, wrapper in list(save_wrappers(inner)):
         replace_module(inner, path, wrapper.original_module)
+    with torch.no_grad():
+        for owner, original in get_state(inner).bias_backup:
+            owner.bias.copy_(original)
+            owner.bias.requires_grad_(False)
     drop_state(inner)
     return inner

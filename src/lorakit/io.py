@@ -15,7 +15,6 @@ the config) before the model is touched; pickle files are never opened.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .inject import check_adapter_name, inject, plan, set_active, unload, delete_adapter
+from .inject import check_adapter_name, delete_adapter, inject, plan, set_active, trainable_biases, unload
 from .layers import LoraLayer, ModulesToSave, wrapper_for
-from .layers.linear import LoraLinear
+from .layers.linear import LoraLinear, SliceSpec
 from .state import get_state, has_adapters, lora_layers, require_adapter, save_wrappers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -51,17 +50,20 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             continue
         key_a, key_b = layer.file_keys
         out[f"{PREFIX}{path}.{key_a}"] = layer.lora_A[adapter]
-        out[f"{PREFIX}{path}.{key_b}"] = layer.lora_B[adapter]
+        out[f"{PREFIX}{path}.{key_b}"] = layer.lora_B_dense(adapter)  # sliced: PEFT-readable dense form
         for attr, tensor in layer.variants[adapter].parameters(layer, adapter).items():
             out[f"{PREFIX}{path}.{attr}"] = tensor
     for path, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
             for name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
                 out[f"{PREFIX}{path}.{name}"] = tensor
+    adapted = {path for path, layer in lora_layers(model) if adapter in layer.lora_A}
+    for owner, key in trainable_biases(model, require_adapter(model, adapter).bias, adapted):
+        out[f"{PREFIX}{key}"] = owner.bias
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool]:
+def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, dict]:
     config = require_adapter(model, adapter)
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
     if config.target_modules == "all-linear":  # as PEFT does: write the resolved module list
@@ -71,7 +73,8 @@ def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool]:
         if name:
             config = config.replace(base_model_name_or_path=str(name))
     fan_in_fan_out = any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for _, layer in layers)
-    return config, fan_in_fan_out
+    fused = {p: layer.slice_spec(adapter).as_dict() for p, layer in layers if layer.slice_spec(adapter) is not None}
+    return config, fan_in_fan_out, fused
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
@@ -91,8 +94,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str = "default") -
     if folder.exists() and not folder.is_dir():
         raise LoraError(f"cannot save adapter to {folder}: it exists and is not a folder")
     tensors = adapter_state_dict(model, adapter)
-    config, fan_in_fan_out = _config_for_file(model, adapter)
-    config_json = config.to_json(fan_in_fan_out)
+    config, fan_in_fan_out, fused = _config_for_file(model, adapter)
+    config_json = config.to_json(fan_in_fan_out, fused)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json}))
     atomic_write_text(folder / CONFIG_NAME, config_json)
@@ -177,9 +180,14 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
     except LoraError as exc:
         raise AdapterLoadError(f"{files.folder}: adapter does not fit this model: {exc}") from None
     expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    slice_specs: dict[str, SliceSpec] = {}
     for path, module in p.targets:
         layer = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
-        shape_a, shape_b = layer.lora_shapes(config.rank_for(path))
+        rank, slices = config.rank_for(path), config.slices_for(path)
+        if slices is not None:  # stored dense (rank r * k) in the file
+            slice_specs[path] = SliceSpec.resolve(slices, layer.out_features, "cpu")
+            rank *= slice_specs[path].k
+        shape_a, shape_b = layer.lora_shapes(rank)
         key_a, key_b = layer.file_keys
         expected[f"{PREFIX}{path}.{key_a}"] = (path, "lora_A", tuple(shape_a))
         expected[f"{PREFIX}{path}.{key_b}"] = (path, "lora_B", tuple(shape_b))
@@ -189,6 +197,25 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for name, tensor in original.state_dict().items():
             expected[f"{PREFIX}{path}.{name}"] = (path, name, tuple(tensor.shape))
+    for owner, key in trainable_biases(model, config.bias, {path for path, _ in p.targets}):
+        expected[f"{PREFIX}{key}"] = (key, "bias", tuple(owner.bias.shape))
+    target_modules = dict(p.targets)
+    for key in [k for k in files.tensors if k not in expected and k.endswith(".base_layer.weight")]:
+        # PEFT saves whole base embedding tables next to embedding adapters
+        # (save_embedding_layers). They carry nothing new when they equal this
+        # model's weights; lorakit never overwrites base weights from an adapter file.
+        path = key[len(PREFIX): -len(".base_layer.weight")]
+        module = target_modules.get(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if base is not None and base.weight.shape == files.tensors[key].shape and torch.equal(
+            base.weight.detach().cpu(), files.tensors[key].to(base.weight.dtype)
+        ):
+            del files.tensors[key]
+        elif base is not None:
+            raise AdapterLoadError(
+                f"{weights}: {key!r} holds base weights that differ from this model's (a resized vocabulary?); "
+                "lorakit does not overwrite base weights from adapter files"
+            )
     for key, tensor in files.tensors.items():
         if key not in expected:
             hint = "" if key.startswith(PREFIX) else f" (PEFT keys start with {PREFIX!r})"
@@ -202,6 +229,14 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
                 f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, but this model needs {shape} "
                 f"(config r={config.rank_for(expected[key][0])})"
             )
+    for path, spec in slice_specs.items():
+        key = f"{PREFIX}{path}.lora_B.weight"
+        if key not in files.tensors:
+            continue  # reported as missing below
+        try:
+            files.tensors[key] = spec.compact(files.tensors[key])
+        except ValueError as exc:
+            raise AdapterLoadError(f"{weights}: tensor {key!r}: {exc} (config fused_slices {spec.as_dict()})") from None
     missing = [k for k in expected if k not in files.tensors]
     if missing:
         raise AdapterLoadError(f"{weights}: missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
@@ -259,6 +294,8 @@ def load_adapter(
 
 
 def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torch.Tensor:
+    if attr == "bias":  # `path` is the bias's full key in the adapted model
+        return model.get_parameter(path)
     module = model.get_submodule(path)
     if isinstance(module, ModulesToSave):
         copy = module.modules_to_save[adapter]

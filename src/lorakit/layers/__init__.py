@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import LoraLayer
+from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_conv1d
 from .save import ModulesToSave
@@ -20,6 +21,8 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv
     return None
 
 
@@ -30,4 +33,4 @@ def is_linear_like(module: nn.Module) -> bool:
     return wrapper_for(module) is LoraLinear
 
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "wrapper_for", "is_conv1d", "is_linear_like"]
+__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave", "wrapper_for", "is_conv1d", "is_linear_like"]

@@ -20,12 +20,19 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError, MergeError
+from ..errors import AdapterNotFoundError, LoraError, MergeError
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype for merges: float64 for a float64 base, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_rows(rows, x: torch.Tensor) -> int:
+    """The batch size, after checking it matches the mixed batch's number of adapter names."""
+    if x.dim() == 0 or x.shape[0] != rows.index.shape[0]:
+        raise LoraError(f"mixed_batch was given {rows.index.shape[0]} adapter names but a layer saw an input of shape {tuple(x.shape)}")
+    return x.shape[0]
 
 
 class LoraLayer(nn.Module):
@@ -59,6 +66,7 @@ class LoraLayer(nn.Module):
         # Kept precomputed so forward has no per-call selection logic.
         self._forward_adapters: tuple[str, ...] = ()
         self._weight_backup: torch.Tensor | None = None
+        self._mixed = None  # a `lorakit.mixed.MixedRows` inside `mixed_batch`, else None
 
     # ------------------------------------------------------------------ kind-specific
     @property
@@ -78,8 +86,13 @@ class LoraLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of (A, B) for rank `r`."""
+    @staticmethod
+    def check_rank(module: nn.Module, r: int) -> str | None:
+        """Why rank `r` cannot adapt `module` (None if it can)."""
+        return None
+
+    def lora_shapes(self, r: int, slices=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank `r` (`slices`: see `LoraLinear`)."""
         return (r, self.in_features), (self.out_features, r)
 
     def init_lora(self, name: str, init: str) -> None:
@@ -113,6 +126,7 @@ class LoraLayer(nn.Module):
         init: str = "kaiming",
         variant: object | None = None,
         dtype: torch.dtype | None = None,
+        slices: tuple[list[int] | None, list[bool]] | None = None,
     ) -> None:
         """Create adapter `name` with rank `r`; parameters live on the base weight's device.
 
@@ -124,7 +138,9 @@ class LoraLayer(nn.Module):
         w = self.weight
         if dtype is None:
             dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.dtype.is_floating_point else w.dtype
-        shape_a, shape_b = self.lora_shapes(r)
+        if slices is not None:
+            self.set_slices(name, slices)
+        shape_a, shape_b = self.lora_shapes(r, self.slice_spec(name))
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=w.device))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=w.device))
         self.r[name] = r
@@ -134,6 +150,17 @@ class LoraLayer(nn.Module):
         self.variants[name] = variant if variant is not None else get_variant("lora")
         self.init_lora(name, init)
         self.variants[name].init(self, name)
+
+    def set_slices(self, name: str, slices) -> None:
+        raise LoraError(f"per-slice adapters (fused_slices) need a Linear/Conv1D layer, not {type(self.base_layer).__name__}")
+
+    def slice_spec(self, name: str):
+        """The resolved per-slice layout of adapter `name`, or None (see `LoraLinear`)."""
+        return None
+
+    def lora_B_dense(self, name: str) -> torch.Tensor:
+        """B in the plain `(out, r)` form, whatever the storage (see `LoraLinear` slices)."""
+        return self.lora_B[name]
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of adapter `name`, by attribute name (`lora_A`, `lora_B`, ...)."""
@@ -217,8 +244,19 @@ class LoraLayer(nn.Module):
         self._refresh()
 
     # ------------------------------------------------------------------ forward
+    def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
+        """Per-row adapters (see `lorakit.mixed`); generic version: one pass per adapter in use."""
+        check_rows(rows, x)
+        out = result
+        for slot, name in enumerate(rows.names[:-1]):
+            mask = (rows.index == slot).view(-1, *([1] * (result.dim() - 1)))
+            out = torch.where(mask, self.add_lora(result, name, x), out)
+        return out
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self._mixed is not None:
+            return self.add_lora_mixed(result, x, self._mixed) if self._mixed.A is not None else result
         for name in self._forward_adapters:
             result = self.variants[name].forward(self, name, x, result)
         return result

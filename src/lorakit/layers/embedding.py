@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer
+from .base import LoraLayer, check_rows
 
 
 class LoraEmbedding(LoraLayer):
@@ -48,3 +48,12 @@ class LoraEmbedding(LoraLayer):
         A, B = self.lora_A[name], self.lora_B[name]
         xa = self._lookup(x, A.T)  # (..., r)
         return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
+
+    def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
+        """Each row looks up its own adapter's A columns, then one batched product with B."""
+        batch = check_rows(rows, x)
+        table = rows.A.transpose(1, 2)  # (slots, num_embeddings, r)
+        ids = x.reshape(batch, -1)
+        xa = table[rows.index[:, None], ids]  # (batch, L, r)
+        delta = torch.bmm(xa, rows.B[rows.index].transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)

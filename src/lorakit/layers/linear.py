@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer
+from .base import LoraLayer, check_rows
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -29,6 +29,28 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        self.slices: dict[str, SliceSpec] = {}
+
+    # ---- per-slice adapters on fused projections (loralib's MergedLinear)
+    def set_slices(self, name: str, slices) -> None:
+        self.slices[name] = SliceSpec.resolve(slices, self.out_features, self.weight.device)
+
+    def slice_spec(self, name: str) -> "SliceSpec | None":
+        return self.slices.get(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.slices.pop(name, None)
+
+    def lora_shapes(self, r: int, slices: "SliceSpec | None" = None):
+        if slices is None:
+            return (r, self.in_features), (self.out_features, r)
+        return (r * slices.k, self.in_features), (slices.rows.numel(), r)
+
+    def lora_B_dense(self, name: str) -> torch.Tensor:
+        """B as a `(out_features, r * k)` block-diagonal matrix (just B when not sliced); differentiable."""
+        spec = self.slices.get(name)
+        return self.lora_B[name] if spec is None else spec.dense(self.lora_B[name], self.out_features)
 
     @property
     def in_features(self) -> int:
@@ -40,11 +62,11 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or torch.float32
-        delta = (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
+        delta = (self.lora_B_dense(name).to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
+        A, B = self.lora_A[name], (self.lora_B_dense(name) if self.slices else self.lora_B[name])
         h = x.to(A.dtype)
         p = self.lora_dropout[name]
         if p and self.training:
@@ -55,3 +77,63 @@ class LoraLinear(LoraLayer):
             out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
             return out.view(result.shape)
         return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
+
+    def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
+        """Each row `b` adds `B[slot_b] A[slot_b] x_b`: two gathered batched products."""
+        batch = check_rows(rows, x)
+        A, B = rows.A[rows.index], rows.B[rows.index]  # (batch, r, in), (batch, out, r)
+        h = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)
+        delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+
+
+class SliceSpec:
+    """Where each row of a compact per-slice B goes.
+
+    For `k` enabled slices of rank `r`, A is `(r * k, in)` (slice `j` owns rows
+    `j*r:(j+1)*r`) and the compact B is `(sum of enabled slice sizes, r)`; compact
+    row `i` lands in output row `rows[i]` and rank block `block[i]` of the dense
+    `(out, k, r)` B, which is zero elsewhere.
+    """
+
+    def __init__(self, sizes: list[int], enable: list[bool], device):
+        self.sizes, self.enable = list(sizes), list(enable)
+        self.k = sum(enable)
+        rows, block, start, j = [], [], 0, 0
+        for size, on in zip(sizes, enable):
+            if on:
+                rows.extend(range(start, start + size))
+                block.extend([j] * size)
+                j += 1
+            start += size
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.block = torch.tensor(block, dtype=torch.long, device=device)
+
+    @classmethod
+    def resolve(cls, slices, out_features: int, device) -> "SliceSpec":
+        sizes, enable = slices
+        if sizes is None:
+            if out_features % len(enable):
+                raise ValueError(f"{out_features} output features do not split into {len(enable)} equal slices")
+            sizes = [out_features // len(enable)] * len(enable)
+        if sum(sizes) != out_features:
+            raise ValueError(f"slice sizes {sizes} sum to {sum(sizes)}, not the layer's {out_features} output features")
+        return cls(sizes, enable, device)
+
+    def as_dict(self) -> dict:
+        return {"sizes": self.sizes, "enable": self.enable}
+
+    def dense(self, compact: torch.Tensor, out_features: int) -> torch.Tensor:
+        """`(out_features, k * r)` block-diagonal B from the compact `(rows, r)` one."""
+        r = compact.shape[1]
+        dense = compact.new_zeros(out_features, self.k, r).index_put((self.rows, self.block), compact)
+        return dense.reshape(out_features, self.k * r)
+
+    def compact(self, dense: torch.Tensor) -> torch.Tensor:
+        """Inverse of `dense`; raises ValueError if `dense` is non-zero outside the slice blocks."""
+        out_features, r = dense.shape[0], dense.shape[1] // self.k
+        compact = dense.reshape(out_features, self.k, r)[self.rows, self.block]
+        if not torch.equal(self.dense(compact, out_features), dense):
+            raise ValueError("B is non-zero outside the enabled slices' blocks")
+        return compact
