@@ -20,7 +20,7 @@ from .errors import (
 )
 from .combine import CombineReport, combine
 from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, unload
-from .io import adapter_state_dict, load_adapter, read_adapter, read_config, save_adapter, save_adapters
+from .io import adapter_state_dict, load_adapter, load_adapters, read_adapter, read_config, save_adapter, save_adapters
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import count_parameters, merge, merge_and_unload, unmerge
 from .mixed import mixed_batch
@@ -33,6 +33,6 @@ __all__ = [
     "AdapterNotFoundError", "AdapterExistsError", "MergeError",
     "inject", "set_active", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
     "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
-    "save_adapter", "save_adapters", "load_adapter", "read_adapter", "read_config", "adapter_state_dict",
+    "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
 ]

@@ -153,7 +153,7 @@ def _svd(layer: LoraLayer, names, weights, r):
         raise LoraError("combine(method='svd') on grouped convolutions is not supported")
     delta = None
     for n in names:
-        A, B = _flat(layer.lora_A[n].double()), _flat(layer.lora_B_dense(n).double())
+        A, B = _flat(layer.lora_A[n].detach().double()), _flat(layer.lora_B_dense(n).detach().double())
         d = (B @ A) * (weights[n] * layer.scaling[n])
         delta = d if delta is None else delta + d
     rank = r or max(layer.r[n] for n in names)

@@ -306,12 +306,29 @@ def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torc
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Save every adapter PEFT-style: `default` (or the first) in `path`, others in `path/<name>/`."""
-    names = list(get_state(model).configs)
-    root = "default" if "default" in names else names[0]
-    for name in names:
-        save_adapter(model, Path(path) if name == root else Path(path) / name, name)
+    """Save every adapter as PEFT's `save_pretrained` does: `default` in `path`, others in `path/<name>/`."""
+    for name in get_state(model).configs:
+        save_adapter(model, Path(path) if name == "default" else Path(path) / name, name)
     return Path(path)
+
+
+def load_adapters(model: nn.Module, path: str | Path, *, trainable: bool = True) -> tuple[str, ...]:
+    """Load a folder written by `save_adapters` or PEFT's `save_pretrained` with several adapters.
+
+    `path` itself (if it holds an adapter) loads as `default`; each sub-folder holding
+    an adapter loads under the sub-folder's name. Returns the names loaded, in order.
+    Each adapter is validated before it is loaded (see `load_adapter`).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterLoadError(f"adapter path {root} is not a folder")
+    found = [("default", root)] if (root / CONFIG_NAME).exists() else []
+    found += [(sub.name, sub) for sub in sorted(root.iterdir()) if sub.is_dir() and (sub / CONFIG_NAME).exists()]
+    if not found:
+        raise AdapterLoadError(f"no adapter folders in {root}")
+    for name, folder in found:
+        load_adapter(model, folder, name, trainable=trainable)
+    return tuple(name for name, _ in found)
 
 
 def read_config(path: str | Path) -> LoraConfig:
@@ -319,4 +336,4 @@ def read_config(path: str | Path) -> LoraConfig:
     return read_adapter(path).config
 
 
-__all__ = ["save_adapter", "save_adapters", "load_adapter", "read_adapter", "read_config", "adapter_state_dict"]
+__all__ = ["save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict"]
