@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..variants.lora import LoraVariant
 from .base import LoraLayer, check_rows
+from .fused import lora_linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -30,6 +32,29 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.slices: dict[str, SliceSpec] = {}
+        # The one adapter the fused fast path computes (see layers/fused.py), chosen
+        # when the active set changes, so that forward does no per-call selection.
+        self._fused: str | None = None
+        self._plain_base = type(base_layer) is nn.Linear or self.fan_in_fan_out
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        names = self._forward_adapters
+        self._fused = names[0] if (
+            len(names) == 1 and self._plain_base and type(self.variants[names[0]]) is LoraVariant and names[0] not in self.slices
+        ) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused
+        if name is None or self._mixed is not None or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        A, w = self.lora_A[name], self.weight
+        if x.dtype != A.dtype or w.dtype != A.dtype:
+            return super().forward(x)
+        return lora_linear(
+            x, w.T if self.fan_in_fan_out else w, self.base_layer.bias, A, self.lora_B[name], self.scaling[name],
+            self.lora_dropout[name] if self.training else 0.0,
+        )
 
     # ---- per-slice adapters on fused projections (loralib's MergedLinear)
     def set_slices(self, name: str, slices) -> None:

@@ -1,0 +1,89 @@
+"""The fused fast path (layers/fused.py) computes the plain formula: values and gradients vs float64."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.layers.fused import _dropout_mask, lora_linear
+
+from helpers import randomize_lora, tiny_gpt2, tiny_llama, tokens
+
+
+def _reference(x, W, b, A, B, s, mask, p):
+    h = x * mask / (1 - p) if mask is not None else x
+    return x @ W.T + (b if b is not None else 0) + s * (h @ A.T) @ B.T
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_values_and_grads_match_float64(p, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(10, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    A = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 5, 10, generator=g, dtype=torch.float64)
+
+    torch.manual_seed(7)
+    out = lora_linear(x, W, b, A, B, 0.75, p)
+    out.backward(grad_out)
+    got = [t.grad.clone() for t in (x, A, B) + ((b,) if with_bias else ())]
+    for t in (x, A, B) + ((b,) if with_bias else ()):
+        t.grad = None
+
+    torch.manual_seed(7)
+    mask = _dropout_mask(x.reshape(-1, 12), p).reshape(x.shape) if p > 0 else None
+    ref = _reference(x, W, b, A, B, 0.75, mask, p)
+    ref.backward(grad_out)
+    want = [t.grad for t in (x, A, B) + ((b,) if with_bias else ())]
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    for a, w in zip(got, want):
+        assert torch.allclose(a, w, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_keeps_a_bool_mask_not_a_copy_of_x():
+    x = torch.randn(64, 32, requires_grad=True)
+    W = torch.randn(16, 32)
+    A = torch.randn(4, 32, requires_grad=True)
+    B = torch.randn(16, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear(x, W, None, A, B, 1.0, p=0.1)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]
+    assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a dropped copy
+
+
+@pytest.mark.parametrize("builder,targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc"])])
+def test_model_grads_fast_path_equal_generic_path(builder, targets):
+    ids = tokens()
+    grads = []
+    for fast in (True, False):
+        model = builder()
+        lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=targets))
+        randomize_lora(model)
+        model = model.double()
+        layers = [m for m in model.modules() if isinstance(m, lk.LoraLinear)]
+        assert all(m._fused == "default" for m in layers)
+        if not fast:
+            for m in layers:
+                m._fused = None
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for n, p in model.named_parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_path_not_used_for_two_adapters_or_bf16_mismatch():
+    model = nn.Sequential(nn.Linear(8, 8))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]), adapter="a")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]), adapter="b")
+    lk.set_active(model, ["a", "b"])
+    assert model[0]._fused is None
+    lk.set_active(model, "b")
+    assert model[0]._fused == "b"
+    with lk.disabled(model):
+        assert model[0]._fused is None
