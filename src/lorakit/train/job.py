@@ -1,0 +1,332 @@
+"""The main job, start to end: recipe -> model + data -> zero-shot -> LoRA training -> eval ->
+save -> merge check -> reload check -> report. Plus `evaluate_adapter` (`lorakit eval`) and
+`merge_adapter` (`lorakit merge`), which rebuild everything from the saved files alone.
+
+Output folder layout (`recipe.out_dir`):
+
+    adapter/adapter_config.json, adapter/adapter_model.safetensors   PEFT layout (lorakit.save_adapter)
+    adapter/lorakit_train.json   resolved recipe, model, split fingerprint, recorded test metrics
+    report.json, report.md, loss.png
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..errors import LoraError
+from . import data as data_mod
+from .errors import RecipeError
+from .loop import LoopConfig, train
+from .models import count_all, load_model, resolve_device, resolve_model, set_threads, sha256_file
+from .recipe import Recipe, apply
+from .report import write_json, write_report
+from .tasks import make_task
+
+TRAIN_INFO = "lorakit_train.json"
+PROBE_EXAMPLES = 8
+SAMPLE_PROMPTS = 3
+
+
+def _stderr(msg: str) -> None:
+    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
+
+
+class Prepared:
+    """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
+
+    def __init__(self, recipe: Recipe, log: Callable[[str], None] = _stderr):
+        import lorakit  # noqa: F401  (ensures the package is importable before heavy work)
+
+        self.recipe = recipe
+        self.threads = set_threads(recipe.threads)
+        self.device, self.dtype = resolve_device(recipe.device, recipe.precision)
+        self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
+        self.dataset = data_mod.load_dataset(recipe)
+        if self.dataset.skipped:
+            log(f"skipped {self.dataset.skipped} rows with an empty text/prompt/response")
+        self.splits = data_mod.split(self.dataset.examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
+        kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
+        t = time.perf_counter()
+        self.model, self.tokenizer = load_model(self.source, kind, num_labels=len(labels) if labels else None,
+                                                labels=[str(l) for l in labels] if labels else None, seed=recipe.seed, log=log)
+        self.load_seconds = time.perf_counter() - t
+        self.model.to(self.device)
+        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+
+    def fresh_model(self):
+        """Another copy of the base model, loaded the same way (same seed for a new head)."""
+        kind = self.task.model_kind
+        labels = getattr(self.task, "labels", None)
+        model, _ = load_model(self.source, kind, num_labels=len(labels) if labels else None,
+                              labels=[str(l) for l in labels] if labels else None, seed=self.recipe.seed)
+        return model.to(self.device)
+
+    def evaluate(self, model, examples):
+        return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+
+    def split_info(self) -> dict[str, Any]:
+        return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,
+                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples)}
+
+    def model_info(self) -> dict[str, Any]:
+        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path),
+                "class": type(self.model).__name__, "parameters": count_all(self.model)}
+        if self.source.gguf:
+            info["gguf_sha256"] = sha256_file(self.source.path)
+        return info
+
+    def environment(self) -> dict[str, Any]:
+        import transformers
+
+        return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "device": str(self.device),
+                "precision": "bf16 autocast" if self.dtype is not None else "fp32", "threads": self.threads,
+                "cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _metric_names(task: str) -> list[str]:
+    return ["loss", "perplexity"] if task == "instruct" else ["accuracy", "loss"]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
+
+    Returns:
+        The report (also written as `report.json`).
+    Raises:
+        RecipeError, DataError, ModelLoadError, lorakit.LoraError: bad input, before training starts.
+    """
+    import lorakit as lk
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = recipe.out_dir
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output path {out} exists and is not a folder")
+    log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}, data {recipe.data} -> {out}")
+    prep = Prepared(recipe, log)
+    timings["load_seconds"] = time.perf_counter() - t_start
+    s = prep.splits.sizes()
+    log(f"data: {prep.dataset.name}: {len(prep.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
+    task, model, test = prep.task, prep.model, prep.splits.test
+
+    t = time.perf_counter()
+    log(f"evaluating the base model on {len(test)} held-out test examples")
+    before, _ = prep.evaluate(model, test)
+    samples = _samples(prep, model, "before") if recipe.task == "instruct" else []
+    timings["eval_before_seconds"] = time.perf_counter() - t
+    log("before: " + _summary(before))
+
+    config = recipe.lora_config().replace(
+        base_model_name_or_path=prep.source.name,
+        task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
+    )
+    torch.manual_seed(recipe.seed)
+    lk.inject(model, config)
+    trainable, total = lk.count_parameters(model)
+    adapted = sum(isinstance(m, lk.LoraLayer) for m in model.modules())
+    log(f"LoRA r={config.r} alpha={config.alpha} on {adapted} modules: {trainable:,} trainable of {total:,} "
+        f"parameters ({100 * trainable / total:.3f}%)")
+
+    batch_iter = (task.batch(ex, prep.device) for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
+    loop_cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                          schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum,
+                          eval_every=recipe.eval_every, log_every=max(1, min(10, recipe.steps // 8)))
+    torch.manual_seed(recipe.seed)
+    t = time.perf_counter()
+    result = train(model, task.loss, batch_iter, loop_cfg, device=prep.device, dtype=prep.dtype,
+                   evaluate=lambda: prep.evaluate(model, prep.splits.val)[0], log=log)
+    timings["train_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    after, preds = prep.evaluate(model, test)
+    if recipe.task == "instruct":
+        samples = [{**s, "after": a} for s, a in zip(samples, _samples(prep, model, "after"))]
+    timings["eval_after_seconds"] = time.perf_counter() - t
+    log("after: " + _summary(after))
+
+    adapter_dir = out / "adapter"
+    lk.save_adapter(model, adapter_dir)
+    info = {"lorakit_version": __version__, "recipe": recipe.to_dict(), "model": prep.model_info(),
+            "data": prep.split_info(), "task": task.describe(), "test_metrics": after,
+            "environment": {"device": str(prep.device), "precision": "bf16" if prep.dtype is not None else "fp32"}}
+    write_json(adapter_dir / TRAIN_INFO, info)
+    adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
+
+    # merged vs unmerged: same logits (to float rounding) and the same test predictions
+    t = time.perf_counter()
+    probe_ex = test[:PROBE_EXAMPLES]
+    unmerged_logits = task.probe(model, probe_ex, prep.device, prep.dtype)
+    merged_model = lk.merge_and_unload(model)
+    merged_logits = task.probe(merged_model, probe_ex, prep.device, prep.dtype)
+    merged, merged_preds = prep.evaluate(merged_model, test)
+    diffs = sum(a != b for a, b in zip(preds, merged_preds))
+    timings["merge_check_seconds"] = time.perf_counter() - t
+    log(f"merged: {_summary(merged)}; logits max |diff| vs unmerged {_max_diff(merged_logits, unmerged_logits):.3g}; "
+        f"{diffs} of {len(test)} predictions differ")
+    del merged_model, model, prep.model
+
+    # the saved files alone reproduce the trained model
+    t = time.perf_counter()
+    fresh = prep.fresh_model()
+    lk.load_adapter(fresh, adapter_dir)
+    reload_logits = task.probe(fresh, probe_ex, prep.device, prep.dtype)
+    del fresh
+    timings["reload_check_seconds"] = time.perf_counter() - t
+
+    timings["total_seconds"] = time.perf_counter() - t_start
+    evals = result.evals
+    report: dict[str, Any] = {
+        "recipe": recipe.to_dict(),
+        "model": info["model"],
+        "data": info["data"],
+        "task": task.describe(),
+        "metric_names": _metric_names(recipe.task),
+        "test": {"before": before, "after": after, "merged": merged},
+        "lora": {"config": config.to_peft_dict(), "targets": config.target_modules, "adapted_modules": adapted,
+                 "trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
+        "training": {
+            "steps": recipe.steps, "examples_seen": recipe.steps * recipe.batch_size * recipe.grad_accum,
+            "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
+            "val_loss_before": evals[0].get("loss"), "val_loss_after": evals[-1].get("loss"),
+            "tokens": result.tokens, "train_seconds": result.train_seconds, "eval_seconds_during_training": result.eval_seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "optimizer_state_bytes": result.optimizer_state_bytes, "peak_memory_bytes": result.peak_memory_bytes,
+            "history": result.history, "evals": evals,
+        },
+        "checks": {
+            "merged_vs_unmerged_max_abs_diff": _max_diff(merged_logits, unmerged_logits),
+            "merged_predictions_equal": diffs == 0, "merged_prediction_differences": diffs,
+            "reload_max_abs_diff": _max_diff(reload_logits, unmerged_logits),
+            "reload_identical": bool(torch.equal(reload_logits, unmerged_logits)),
+        },
+        "adapter": {"path": str(adapter_dir), "bytes": adapter_bytes},
+        "timings": timings,
+        "environment": prep.environment(),
+    }
+    if "accuracy" in before:
+        report["gain_points"] = 100 * (after["accuracy"] - before["accuracy"])
+    if samples:
+        report["samples"] = samples
+    write_report(out, report, result.history, evals)
+    log(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'loss.png'} and {adapter_dir} "
+        f"in {timings['total_seconds']:.0f} s")
+    return report
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("accuracy", "loss", "perplexity") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" (n={metrics['n']})"
+
+
+def _samples(prep: Prepared, model, key: str) -> list:
+    """Greedy answers to the first test prompts: records with `key="before"`, plain answers otherwise."""
+    out: list = []
+    for ex in prep.splits.test[:SAMPLE_PROMPTS]:
+        answer = prep.task.generate(model, ex["prompt"], prep.device)
+        out.append({"prompt": ex["prompt"], "reference": ex["response"], "before": answer} if key == "before" else answer)
+    return out
+
+
+# ---------------------------------------------------------------------- eval / merge from saved files
+def read_train_info(adapter: str | Path) -> dict[str, Any] | None:
+    """The `lorakit_train.json` of an adapter folder, or None if it has none."""
+    import json
+
+    path = Path(adapter) / TRAIN_INFO
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path} is not valid JSON ({exc.msg})") from None
+
+
+def recipe_for_adapter(adapter: str | Path | None, base: Recipe | None, overrides: dict[str, Any]) -> tuple[Recipe, dict | None]:
+    """The recipe recorded with `adapter` (else `base`), with `overrides` applied."""
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    info = read_train_info(adapter) if adapter is not None else None
+    if info is not None:
+        recipe = apply(Recipe(), info["recipe"])
+    elif base is not None:
+        recipe = base
+    else:
+        raise RecipeError(f"{adapter} has no {TRAIN_INFO} (not written by lorakit train); name the recipe or model with --recipe/--model")
+    return apply(recipe, overrides), info
+
+
+def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, overrides: dict[str, Any] | None = None,
+                     split: str = "test", log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Evaluate a saved adapter (or, with `adapter=None`, the base model) on a split of its recipe's data.
+
+    Rebuilds model, data split and scoring from `adapter/lorakit_train.json`; when the split is
+    the recorded one (same fingerprint) the result is compared with the recorded test metrics.
+
+    Returns:
+        `{"metrics", "split", "recorded" (or None), "matches_recorded" (bool or None), "recipe"}`.
+    """
+    import lorakit as lk
+
+    recipe, info = recipe_for_adapter(adapter, base, overrides or {})
+    if split not in ("test", "val", "train"):
+        raise RecipeError(f"split must be test, val or train, got {split!r}")
+    prep = Prepared(recipe, log)
+    if adapter is not None:
+        lk.load_adapter(prep.model, adapter, trainable=False)
+    examples = getattr(prep.splits, split)
+    log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on {len(examples)} {split} examples")
+    metrics, _ = prep.evaluate(prep.model, examples)
+    recorded, matches = None, None
+    if info is not None and split == "test" and adapter is not None:
+        recorded = info.get("test_metrics")
+        same_split = data_mod.fingerprint(examples) == info.get("data", {}).get("test_fingerprint")
+        if recorded is not None and same_split:
+            keys = [k for k in ("accuracy",) if k in recorded] or ["loss"]
+            matches = all(abs(metrics[k] - recorded[k]) <= (0 if k == "accuracy" else 1e-4 * max(1.0, abs(recorded[k]))) for k in keys)
+    return {"metrics": metrics, "split": split, "recorded": recorded, "matches_recorded": matches, "recipe": recipe.to_dict()}
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, *, base: Recipe | None = None, overrides: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Fold a saved adapter into its base model and save the plain model (+ tokenizer) to `out`.
+
+    Returns `{"out", "max_abs_diff"}`: the largest logit difference, merged vs unmerged, on a few
+    examples of the recipe's data.
+    Raises:
+        LoraError: `out` exists and is not empty.
+    """
+    import lorakit as lk
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LoraError(f"output folder {out} exists and is not empty")
+    recipe, _ = recipe_for_adapter(adapter, base, overrides or {})
+    prep = Prepared(recipe, log)
+    lk.load_adapter(prep.model, adapter, trainable=False)
+    probe_ex = prep.splits.test[:PROBE_EXAMPLES]
+    before = prep.task.probe(prep.model, probe_ex, prep.device, prep.dtype)
+    merged = lk.merge_and_unload(prep.model)
+    after = prep.task.probe(merged, probe_ex, prep.device, prep.dtype)
+    if getattr(merged.config, "quantization_config", None) is not None:
+        del merged.config.quantization_config
+    merged.hf_quantizer = None
+    merged.save_pretrained(out)
+    prep.tokenizer.save_pretrained(out)
+    diff = _max_diff(before, after)
+    log(f"merged model written to {out}; logits max |diff| merged vs unmerged: {diff:.3g}")
+    return {"out": str(out), "max_abs_diff": diff}
+

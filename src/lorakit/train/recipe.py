@@ -1,0 +1,288 @@
+"""`Recipe`: everything one training run needs, from a preset, a YAML/TOML/JSON file and flags.
+
+A recipe is a flat set of fields plus one `lora` mapping (the `LoraConfig`
+arguments, PEFT names). Precedence: preset < file < flags. The resolved recipe
+is written next to the adapter (`lorakit_train.json`), so `lorakit eval` can
+rebuild the same model, data split and scoring from the saved files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+TASKS = ("classify-lm", "classify-head", "instruct")
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# The default sentiment prompt: an instruction, the review, and "Sentiment:"; the answer is one word.
+SENTIMENT_TEMPLATE = "Review: {text}\nIs this movie review positive or negative?\nSentiment:"
+# For classification data the user brings: the choices are the label words.
+GENERIC_TEMPLATE = "Text: {text}\nAnswer with one of: {choices}.\nAnswer:"
+
+
+@dataclass
+class Recipe:
+    """One training run. Units: `lr` per step; `max_length` in tokens; sizes in examples.
+
+    Fields:
+        name: recipe name (used for the default output folder `runs/<name>`).
+        model: a built-in model (`smollm2`, `minilm`), a Hugging Face model folder, or a `.gguf` file.
+        task: `classify-lm` (causal LM answers one word; scored by comparing the answers'
+            log-likelihoods), `classify-head` (encoder + sequence-classification head, trained
+            through `modules_to_save`), or `instruct` (prompt -> response, loss on response tokens).
+        data: a built-in data set (`rotten-tomatoes`, `chatterbot`) or a `.jsonl` / `.csv` file.
+        text_field, label_field: columns of a classification file.
+        prompt_field, response_field: columns of an instruction file.
+        label_words: label value (as a string) -> answer word for `classify-lm`; default: the label itself.
+        prompt_template: `classify-lm` prompt with `{text}` (and optionally `{choices}`); default
+            depends on the data.
+        test_size, val_size: held-out examples (deterministic split by `split_seed`; the test
+            split is never trained on). Shrunk for small files (at most 20% / 10% of the data).
+        lora: `LoraConfig` arguments (`r`, `alpha`, `dropout`, `target_modules`, `modules_to_save`, ...).
+        lr, weight_decay, warmup_steps, schedule, grad_clip: AdamW with warmup then
+            cosine / linear decay to 0 (or constant); gradient clipping by global norm (0: off).
+        steps: optimizer steps; batch_size: examples per micro-batch; grad_accum: micro-batches per step.
+        max_length: tokens per example (longer prompts lose their start; responses their end).
+        eval_every: validation every N steps (0: only at the start and the end).
+        eval_batch_size: examples per evaluation batch (recorded: results depend on batching only in
+            the last float bits, and `lorakit eval` repeats it exactly).
+        seed: LoRA init, head init, data order. device: `auto` (GPU if present), `cpu`, `cuda`.
+        precision: `auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, `bf16`.
+        threads: torch CPU threads; default: all CPUs this process may use.
+        out: output folder; default `runs/<name>`.
+    """
+
+    name: str = "sentiment"
+    model: str = "smollm2"
+    task: str = "classify-lm"
+    data: str = "rotten-tomatoes"
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    label_words: dict[str, str] | None = None
+    prompt_template: str | None = None
+    test_size: int = 500
+    val_size: int = 64
+    split_seed: int = 0
+    lora: dict[str, Any] = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 4
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    steps: int = 40
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 96
+    eval_every: int = 20
+    eval_batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field. Raises `RecipeError` naming the first bad one."""
+        for name in ("name", "model", "data", "text_field", "label_field", "prompt_field", "response_field"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise RecipeError(f"recipe field {name!r} must be a non-empty string, got {value!r}")
+        _choice("task", self.task, TASKS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size"):
+            _int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "seed", "split_seed"):
+            _int(name, getattr(self, name), minimum=0)
+        if self.threads is not None:
+            _int("threads", self.threads, minimum=1)
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise RecipeError(f"recipe field {name!r} must be a number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise RecipeError(f"recipe field 'lr' must be > 0, got {self.lr!r}")
+        if self.label_words is not None:
+            if not isinstance(self.label_words, dict) or not all(
+                isinstance(k, (str, int)) and isinstance(v, str) and v.strip() for k, v in self.label_words.items()
+            ):
+                raise RecipeError(f"recipe field 'label_words' must map labels to non-empty words, got {self.label_words!r}")
+            self.label_words = {str(k): v for k, v in self.label_words.items()}
+        if self.prompt_template is not None:
+            if not isinstance(self.prompt_template, str) or "{text}" not in self.prompt_template:
+                raise RecipeError(f"recipe field 'prompt_template' must be a string containing '{{text}}', got {self.prompt_template!r}")
+            try:
+                self.prompt_template.format(text="x", choices="a, b")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RecipeError(f"recipe field 'prompt_template': only {{text}} and {{choices}} may be used ({exc!r})") from None
+        if self.out is not None and (not isinstance(self.out, str) or not self.out):
+            raise RecipeError(f"recipe field 'out' must be a folder path, got {self.out!r}")
+        self.lora_config()  # validates the lora mapping
+
+    def lora_config(self):
+        """The `lorakit.LoraConfig` of this recipe. Raises `RecipeError` for a bad `lora` mapping."""
+        from ..config import LoraConfig
+        from ..errors import ConfigError
+
+        if not isinstance(self.lora, dict):
+            raise RecipeError(f"recipe field 'lora' must be a mapping of LoraConfig arguments, got {self.lora!r}")
+        names = {f.name for f in dataclasses.fields(LoraConfig)}
+        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+        kwargs = {}
+        for key, value in self.lora.items():
+            key = renames.get(key, key)
+            if key not in names:
+                raise RecipeError(f"recipe field 'lora.{key}' is not a LoraConfig argument{_close(key, names)}")
+            kwargs[key] = value
+        try:
+            return LoraConfig(**kwargs)
+        except ConfigError as exc:
+            message = str(exc)[len(exc.field) + 2:]
+            raise RecipeError(f"recipe field 'lora.{exc.field}': {message}") from None
+
+    @property
+    def out_dir(self) -> Path:
+        """The output folder: `out`, or `runs/<name>`."""
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A validated copy with some fields changed (`lora` entries are merged, not replaced)."""
+        return apply(self, changes)
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo: SmolLM2-135M-Instruct answers "positive"/"negative" after "Sentiment:".
+    "sentiment": {},
+    # all-MiniLM-L6-v2 with a sequence-classification head, trained through modules_to_save.
+    "sentiment-minilm": {
+        "name": "sentiment-minilm", "model": "minilm", "task": "classify-head",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+        "lr": 1e-3, "steps": 250, "batch_size": 16, "max_length": 64, "eval_every": 50, "warmup_steps": 10,
+        "eval_batch_size": 64,
+    },
+    # Instruction tuning of SmolLM2 on chatterbot question -> answer pairs, loss on answers only.
+    "chat": {
+        "name": "chat", "task": "instruct", "data": "chatterbot", "test_size": 200, "val_size": 64,
+        "lr": 1e-3, "steps": 60, "batch_size": 8, "max_length": 128, "eval_every": 20, "eval_batch_size": 16,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    },
+}
+
+
+def preset(name: str) -> Recipe:
+    """The built-in recipe `name` (see `PRESETS`). Raises `RecipeError` for an unknown name."""
+    if name not in PRESETS:
+        raise RecipeError(f"unknown recipe {name!r}; built-in recipes: {', '.join(PRESETS)} (or pass a .yaml/.toml/.json file)")
+    return apply(Recipe(), PRESETS[name])
+
+
+def apply(base: Recipe, changes: dict[str, Any]) -> Recipe:
+    """`base` with `changes` applied and validated. `lora` is merged key by key.
+
+    Raises:
+        RecipeError: an unknown field (with close matches) or an invalid value.
+    """
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    data = base.to_dict()
+    for key, value in changes.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise RecipeError(f"unknown recipe field {key!r}{_close(key, names)}")
+        if key == "lora":
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe field 'lora' must be a mapping of LoraConfig arguments, got {value!r}")
+            data["lora"] = {**data["lora"], **value}
+        else:
+            data[key] = value
+    return Recipe(**data)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a `.yaml`/`.yml`, `.toml` or `.json` recipe file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RecipeError: unreadable or not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise RecipeError(f"recipe file {path}: unknown format {suffix!r} (use .yaml, .toml or .json)")
+    except RecipeError:
+        raise
+    except Exception as exc:  # the parsers' own error types differ
+        raise RecipeError(f"recipe file {path} could not be parsed: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Resolve a recipe: a preset name or a file (default: the `sentiment` preset), then `overrides`.
+
+    A file may name the preset it starts from with `preset: NAME` (default `sentiment`).
+    """
+    if source is None:
+        recipe = preset("sentiment")
+    elif str(source) in PRESETS:
+        recipe = preset(str(source))
+    else:
+        path = Path(source)
+        if path.suffix.lower() not in (".yaml", ".yml", ".toml", ".json") and not path.exists():
+            raise RecipeError(f"unknown recipe {str(source)!r}; built-in recipes: {', '.join(PRESETS)} (or pass a .yaml/.toml/.json file)")
+        data = read_recipe_file(path)
+        base = data.pop("preset", "sentiment")
+        recipe = apply(preset(str(base)), data)
+    return apply(recipe, overrides or {})
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RecipeError(f"recipe field {name!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecipeError(f"recipe field {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _close(key: str, names) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -1,0 +1,108 @@
+"""The run's report: `report.json` (everything), `report.md` (for people), `loss.png` (curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_text
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def plot_loss(path: Path, history: list[dict], evals: list[dict], title: str) -> None:
+    """Training loss per step (and its running mean) plus validation loss at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    ax.plot(steps, losses, color="#9bb7d4", lw=1, label="train loss (per step)")
+    if len(losses) >= 5:
+        k = max(2, len(losses) // 10)
+        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="#1f5a96", lw=2, label=f"train loss (mean of {k})")
+    ev = [(e["step"], e["loss"]) for e in evals if "loss" in e]
+    if ev:
+        ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", color="#d9480f", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A short human-readable summary of `report`."""
+    r = report
+    rec = r["recipe"]
+    lines = [f"# lorakit train: {rec['name']}", ""]
+    lines += [f"Model `{r['model']['name']}` ({r['model']['parameters']:,} parameters), task `{rec['task']}`, "
+              f"data `{r['data']['name']}` (train {r['data']['sizes']['train']}, validation {r['data']['sizes']['val']}, "
+              f"held-out test {r['data']['sizes']['test']}; split seed {rec['split_seed']}).", ""]
+    lines += ["## Held-out test split", "", "| model | " + " | ".join(r["metric_names"]) + " |",
+              "|---|" + "---|" * len(r["metric_names"])]
+    for label, key in (("before training (base model)", "before"), ("after LoRA training", "after"),
+                       ("after, merged (merge_and_unload)", "merged")):
+        if key in r["test"]:
+            lines.append(f"| {label} | " + " | ".join(_fmt(r["test"][key].get(m)) for m in r["metric_names"]) + " |")
+    lines.append("")
+    if "gain_points" in r:
+        lines += [f"Accuracy gain: **{r['gain_points']:+.1f} points**.", ""]
+    lora = r["lora"]
+    lines += ["## LoRA", "",
+              f"- r={lora['config']['r']}, alpha={lora['config']['lora_alpha']}, target modules: `{lora['targets']}` "
+              f"({lora['adapted_modules']} modules)" + (f", modules_to_save: `{lora['config']['modules_to_save']}`" if lora['config'].get('modules_to_save') else ""),
+              f"- trainable parameters: {lora['trainable']:,} of {lora['total']:,} ({lora['trainable_percent']:.3f}%)",
+              f"- adapter: `{r['adapter']['path']}` ({r['adapter']['bytes']:,} bytes, PEFT layout)", ""]
+    c = r["checks"]
+    lines += ["## Checks", "",
+              f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
+              f"test predictions identical: {c['merged_predictions_equal']} ({c['merged_prediction_differences']} differ)",
+              f"- saved adapter reloaded into a fresh base model: max |logit diff| = {c['reload_max_abs_diff']:.3g}", ""]
+    t = r["training"]
+    lines += ["## Training", "",
+              f"- {t['steps']} steps x {rec['batch_size']} examples x {rec['grad_accum']} accumulation, max {rec['max_length']} tokens, "
+              f"AdamW lr {rec['lr']:g} ({rec['schedule']}, warmup {rec['warmup_steps']}), grad clip {rec['grad_clip']:g}, seed {rec['seed']}",
+              f"- loss: first step {t['first_loss']:.4f}, last step {t['last_loss']:.4f}; validation loss {t['val_loss_before']:.4f} -> {t['val_loss_after']:.4f}",
+              f"- {t['tokens']:,} tokens in {t['train_seconds']:.1f} s = {t['tokens_per_second']:.0f} tokens/s "
+              f"on {r['environment']['device']} ({r['environment']['precision']}, {r['environment']['threads']} threads)",
+              f"- optimizer state: {_mib(t['optimizer_state_bytes'])}; peak memory: {_mib(t['peak_memory_bytes'])}",
+              f"- wall time: {r['timings']['total_seconds']:.0f} s " +
+              "(" + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in r["timings"].items() if k != "total_seconds") + ")", "",
+              "![loss](loss.png)", ""]
+    if r.get("samples"):
+        lines += ["## Sample answers (held-out prompts, greedy)", ""]
+        for s in r["samples"]:
+            lines += [f"- **Q:** {s['prompt']}", f"  - before: {s['before']}", f"  - after: {s['after']}", f"  - reference: {s['reference']}"]
+        lines.append("")
+    lines += ["Reproduce the test numbers from the saved files alone:", "",
+              f"    lorakit eval --adapter {r['adapter']['path']}", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any], history: list[dict], evals: list[dict]) -> None:
+    """Write `report.json`, `report.md` and `loss.png` into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_loss(out / "loss.png", history, evals, f"{report['recipe']['name']}: {report['model']['name']}, LoRA r={report['lora']['config']['r']}")
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))

@@ -1,0 +1,88 @@
+"""Recipes: presets, files (YAML/TOML/JSON), flag overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.train.errors import RecipeError
+from lorakit.train.recipe import PRESETS, Recipe, load_recipe, preset
+
+
+def test_default_recipe_is_the_demo():
+    r = load_recipe()
+    assert (r.model, r.task, r.data) == ("smollm2", "classify-lm", "rotten-tomatoes")
+    assert r.lora["r"] == 8 and r.lora["alpha"] == 16
+    assert r.test_size >= 500
+    cfg = r.lora_config()
+    assert cfg.r == 8 and cfg.alpha == 16 and cfg.scaling_for("x") == 2.0
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_valid(name):
+    r = preset(name)
+    assert r.name == name
+    r.lora_config()
+
+
+def test_minilm_preset_trains_the_head_via_modules_to_save():
+    r = preset("sentiment-minilm")
+    assert r.task == "classify-head" and r.lora["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "preset: sentiment-minilm\nsteps: 7\nlora:\n  r: 4\n"),
+    (".toml", 'preset = "sentiment-minilm"\nsteps = 7\n[lora]\nr = 4\n'),
+    (".json", json.dumps({"preset": "sentiment-minilm", "steps": 7, "lora": {"r": 4}})),
+])
+def test_recipe_files(tmp_path, suffix, text):
+    path = tmp_path / f"r{suffix}"
+    path.write_text(text)
+    r = load_recipe(str(path), {"lr": 0.01})
+    assert r.task == "classify-head" and r.steps == 7 and r.lr == 0.01
+    assert r.lora["r"] == 4 and r.lora["modules_to_save"] == ["classifier"]  # lora is merged key by key
+
+
+def test_overrides_take_precedence_and_out_dir():
+    r = load_recipe("chat", {"steps": 3, "out": "x/y"})
+    assert r.steps == 3 and str(r.out_dir) == "x/y"
+    assert str(preset("chat").out_dir) == "runs/chat"
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"stepz": 3}, "stepz"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"lr": -1.0}, "lr"),
+    ({"task": "regress"}, "task"),
+    ({"device": "tpu"}, "device"),
+    ({"lora": {"r": 0}}, "lora.r"),
+    ({"lora": {"rank": 4}}, "lora.rank"),
+    ({"prompt_template": "no placeholder"}, "prompt_template"),
+    ({"prompt_template": "{text} {oops}"}, "prompt_template"),
+    ({"label_words": {"a": ""}}, "label_words"),
+])
+def test_bad_fields_name_the_field(changes, needle):
+    with pytest.raises(RecipeError, match=needle.replace(".", r"\.")):
+        load_recipe(None, changes)
+
+
+def test_unknown_field_suggests_close_names():
+    with pytest.raises(RecipeError, match="did you mean batch_size"):
+        Recipe().replace(batch_sise=4)
+
+
+def test_unknown_recipe_and_bad_files(tmp_path):
+    with pytest.raises(RecipeError, match="unknown recipe"):
+        load_recipe("nope")
+    with pytest.raises(FileNotFoundError):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1, 2\n")
+    with pytest.raises(RecipeError, match="could not be parsed"):
+        load_recipe(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(str(listy))
