@@ -1,0 +1,75 @@
+"""`lorakit analyze ADAPTER [ADAPTER2] [--base MODEL] [--full-finetune CHECKPOINT]`.
+
+The main `lorakit` CLI registers `add_arguments` / `run` as its `analyze` subcommand;
+`python -m lorakit.analysis` runs the same thing standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import LoraError
+from .analyze import analyze_adapter
+from .report import to_json, to_markdown, write_report
+
+DESCRIPTION = (
+    "Analyse a saved LoRA adapter as in the LoRA paper, section 7: the singular-value spectrum of "
+    "delta_weight (top-k energy, effective rank), the subspace similarity phi between two adapters "
+    "(ADAPTER2, figures 3-4), the amplification of W0 directions (--base, table 7), and the spectrum "
+    "of a full fine-tune's update W_ft - W0 (--full-finetune). Prints a Markdown summary (or JSON "
+    "with --json); --out DIR also writes analysis.json, analysis.md and PNG plots."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `analyze` options to `parser`."""
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("adapter2", metavar="ADAPTER2", nargs="?", default=None,
+                        help="second adapter (another rank or seed) for the subspace similarity")
+    parser.add_argument("--base", metavar="MODEL", default=None,
+                        help="base model folder (*.safetensors) or .safetensors file: W0 for the amplification analysis")
+    parser.add_argument("--full-finetune", metavar="CHECKPOINT", default=None,
+                        help="fully fine-tuned weights (folder or .safetensors); the spectrum of W_ft - W0 (needs --base)")
+    parser.add_argument("--out", "-o", metavar="DIR", default=None, help="write analysis.json, analysis.md and PNG plots here")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown on stdout")
+    parser.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
+    parser.add_argument("--modules", metavar="REGEX", default=None, help="only module paths matching this regex (re.search)")
+    parser.add_argument("--rank", type=int, default=None, metavar="R",
+                        help="number of singular directions in the amplification analysis (default: each module's r)")
+    parser.add_argument("--random-trials", type=int, default=10, metavar="N", help="random subspaces averaged (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subspaces (default 0)")
+    parser.add_argument("--max-heatmaps", type=int, default=16, metavar="N", help="similarity heatmaps drawn at most (default 16)")
+    parser.add_argument("--keep-singular-values", type=int, default=64, metavar="N",
+                        help="singular values of W_ft - W0 stored per module (default 64; statistics use all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the analysis; 0 on success, 2 (after one `error:` line on stderr) on bad input."""
+    prog = getattr(args, "prog", None) or "lorakit analyze"
+    try:
+        result = analyze_adapter(
+            args.adapter, args.adapter2, args.base, full_finetune=args.full_finetune, modules=args.modules,
+            amplification_rank=args.rank, random_trials=args.random_trials, seed=args.seed,
+            keep_singular_values=args.keep_singular_values,
+        )
+        if args.out:
+            written = write_report(result, args.out, plots=not args.no_plots, max_heatmaps=args.max_heatmaps)
+            print(f"{prog}: wrote {len(written)} files to {args.out}", file=sys.stderr)
+        if args.json:
+            sys.stdout.write(to_json(result))
+        else:
+            sys.stdout.write(to_markdown(result) + "\n")
+    except LoraError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m lorakit.analysis`)."""
+    parser = argparse.ArgumentParser(prog="python -m lorakit.analysis", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.prog = parser.prog
+    return run(args)
