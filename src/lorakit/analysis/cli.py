@@ -13,6 +13,8 @@ from ..errors import LoraError
 from .analyze import analyze_adapter
 from .report import to_json, to_markdown, write_report
 
+HELP = "spectra, subspace similarity and amplification of saved adapters (LoRA paper section 7)"
+
 DESCRIPTION = (
     "Analyse a saved LoRA adapter as in the LoRA paper, section 7: the singular-value spectrum of "
     "delta_weight (top-k energy, effective rank), the subspace similarity phi between two adapters "
@@ -23,7 +25,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `analyze` options to `parser`."""
+    """Add the `analyze` options to `parser` (and its description, if it has none)."""
+    if not parser.description:
+        parser.description = DESCRIPTION
     parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("adapter2", metavar="ADAPTER2", nargs="?", default=None,
                         help="second adapter (another rank or seed) for the subspace similarity")
