@@ -53,6 +53,9 @@ class Prepared:
         if self.dataset.skipped:
             log(f"skipped {self.dataset.skipped} rows with an empty text/prompt/response")
         self.splits = data_mod.split(self.dataset.examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        s = self.splits.sizes()
+        log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
+            f"{len(self.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
         labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
         kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
         t = time.perf_counter()
@@ -116,11 +119,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
     out = recipe.out_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output path {out} exists and is not a folder")
-    log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}, data {recipe.data} -> {out}")
     prep = Prepared(recipe, log)
     timings["load_seconds"] = time.perf_counter() - t_start
-    s = prep.splits.sizes()
-    log(f"data: {prep.dataset.name}: {len(prep.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
     task, model, test = prep.task, prep.model, prep.splits.test
 
     t = time.perf_counter()
