@@ -24,6 +24,8 @@ from .io import adapter_state_dict, load_adapter, load_adapters, read_adapter, r
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import count_parameters, merge, merge_and_unload, unmerge
 from .mixed import mixed_batch
+from .variants.loraplus import loraplus_param_groups
+from .variants.pissa import convert_pissa_to_lora, pissa_to_lora
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,5 @@ __all__ = [
     "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
     "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
+    "loraplus_param_groups", "convert_pissa_to_lora", "pissa_to_lora",
 ]

@@ -56,7 +56,10 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023,
             arXiv:2312.03732).
         init: `"kaiming"` (A Kaiming-uniform with a=sqrt(5), as `nn.Linear`; B zero,
-            paper §4.1) or `"gaussian"` (A ~ N(0, 1/r); B zero).
+            paper §4.1) or `"gaussian"` (A ~ N(0, 1/r); B zero); or, replacing the
+            base weight by a residual, `"pissa"` / `"pissa_niter_<k>"` (top-r singular
+            vectors, arXiv:2404.02948) or `"olora"` (QR, arXiv:2406.01775); see
+            `lorakit.variants.pissa`.
         bias: `"none"` (all biases frozen), `"all"` (every bias trainable) or
             `"lora_only"` (biases of adapted modules trainable).
         modules_to_save: modules (same suffix matching) of which a trainable copy is
@@ -295,7 +298,13 @@ class LoraConfig:
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """LoRA's output scale: `alpha / r` (paper §4.1) or `alpha / sqrt(r)` (rsLoRA)."""
+    """LoRA's output scale: `alpha / r` (Hu et al. 2021, §4.1) or, with `use_rslora`, `alpha / sqrt(r)`.
+
+    rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning
+    with LoRA", arXiv:2312.03732, §3): a scaling factor `gamma_r` keeps the adapter's
+    outputs and its learning stable across ranks only if `gamma_r` is Theta(1/sqrt(r));
+    `alpha / r` shrinks the update as `r` grows, so large ranks learn no better.
+    """
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 

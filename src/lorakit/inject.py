@@ -17,7 +17,7 @@ from .errors import AdapterExistsError, AdapterNotFoundError, LoraError, TargetN
 from .layers import LoraLayer, LoraLinear, ModulesToSave, is_linear_like, wrapper_for
 from .layers.linear import SliceSpec
 from .state import drop_state, get_state, has_adapters, lora_layers, replace_module, save_wrappers, unwrap, walk
-from .variants import get_variant
+from .variants import get_variant, restore_base_weight, target_problem
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -131,6 +131,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
                     SliceSpec.resolve(slices, LoraLinear(base).out_features, "cpu")
                 except ValueError as exc:
                     problem = f"fused_slices: {exc}"
+        problem = problem or target_problem(model, config, path, module)  # variant / init (DoRA, PiSSA, OLoRA)
         if problem:
             raise UnsupportedModuleError(f"module {path!r}: {problem}")
     if isinstance(config.target_modules, list):
@@ -317,6 +318,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         if adapter in layer.lora_A:
             layer.delete_adapter(adapter)
             if not layer.adapter_names:
+                restore_base_weight(layer)  # a PiSSA/OLoRA residual goes back to the original weight
                 replace_module(inner, path, layer.base_layer)
     for path, wrapper in list(save_wrappers(inner)):
         if adapter in wrapper.modules_to_save:
@@ -336,6 +338,7 @@ def unload(model: nn.Module) -> nn.Module:
     inner = unwrap(model)
     for path, layer in list(lora_layers(inner)):
         layer.unmerge()
+        restore_base_weight(layer)  # PiSSA/OLoRA: the original weight, not the residual
         replace_module(inner, path, layer.base_layer)
     for path, wrapper in list(save_wrappers(inner)):
         replace_module(inner, path, wrapper.original_module)

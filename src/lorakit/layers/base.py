@@ -115,6 +115,24 @@ class LoraLayer(nn.Module):
         """`result + scaling * B(A(dropout(x)))` for one adapter."""
         raise NotImplementedError
 
+    # Primitives for variants (DoRA, PiSSA/OLoRA); see lorakit.variants.
+    def to_oi(self, w: torch.Tensor) -> torch.Tensor:
+        """A tensor in the base weight's layout as the `(out_features, in_features)` matrix (a view where possible)."""
+        raise NotImplementedError
+
+    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_oi`: an `(out_features, in_features)` matrix in the base weight's layout."""
+        raise NotImplementedError
+
+    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch's input: `dropout(x)` while training with dropout, else `x` itself (same object)."""
+        p = self.lora_dropout[name]
+        return torch.nn.functional.dropout(x, p, True) if p and self.training else x
+
+    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """`scaling * B(A(h))` for an already dropped-out input `h`: `(..., out_features)`, adapter dtype."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ adapters
     def add_adapter(
         self,
@@ -149,6 +167,10 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = dropout
         self.variants[name] = variant if variant is not None else get_variant("lora")
         self.init_lora(name, init)
+        if init not in ("kaiming", "gaussian"):  # PiSSA / OLoRA: A, B from W0, base -> residual
+            from ..variants.pissa import init_from_weight
+
+            init_from_weight(self, name, init)
         self.variants[name].init(self, name)
 
     def set_slices(self, name: str, slices) -> None:
@@ -265,7 +287,12 @@ class LoraLayer(nn.Module):
         parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.lora_A]
         return "; ".join(parts)
 
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_variant_cache", None)  # variants' inference caches (DoRA's weight norm)
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):  # keep the merge backup on the weight's device/dtype
+        self.__dict__.pop("_variant_cache", None)
         out = super()._apply(fn, recurse)
         if self._weight_backup is not None:
             self._weight_backup = fn(self._weight_backup)

@@ -69,6 +69,12 @@ class LoraConv(LoraLayer):
         delta = torch.bmm(b, a).reshape(self.weight.shape)
         return delta * self.scaling[name]
 
+    def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # (out, in/groups * kernel...)
+        return w.reshape(w.shape[0], -1)
+
+    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
+        return w.reshape(self.weight.shape)
+
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         h = x.to(A.dtype)

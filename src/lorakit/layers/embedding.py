@@ -44,6 +44,18 @@ class LoraEmbedding(LoraLayer):
         base = self.base_layer
         return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
+    def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # the table is (in, out) = (num_embeddings, embedding_dim)
+        return w.T
+
+    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T
+
+    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x  # no dropout on token ids
+
+    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        return self._lookup(h, self.lora_A[name].T) @ self.lora_B[name].T * self.scaling[name]
+
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         xa = self._lookup(x, A.T)  # (..., r)

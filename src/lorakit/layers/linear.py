@@ -90,6 +90,16 @@ class LoraLinear(LoraLayer):
         delta = (self.lora_B_dense(name).to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
+    def to_oi(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T if self.fan_in_fan_out else w
+
+    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T if self.fan_in_fan_out else w
+
+    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name]
+        return (h.to(A.dtype) @ A.T) @ self.lora_B_dense(name).T * self.scaling[name]
+
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], (self.lora_B_dense(name) if self.slices else self.lora_B[name])
         h = x.to(A.dtype)
