@@ -234,3 +234,20 @@ def test_torch_compile_fullgraph_and_save_without_orig_mod(tmp_path):
     lk.load_adapter(fresh, tmp_path)
     ids = tokens()
     assert torch.allclose(logits(fresh, ids), logits(model, ids))
+
+
+def test_modules_to_save_head_with_bias_round_trip(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    model = build()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    with torch.no_grad():
+        model[2].modules_to_save["default"].bias.fill_(3.0)
+    lk.save_adapter(model, tmp_path)
+    fresh = build()
+    lk.load_adapter(fresh, tmp_path)
+    x = torch.randn(4, 6)
+    assert torch.equal(fresh(x), model(x))
+    assert torch.all(fresh[2].modules_to_save["default"].bias == 3.0)

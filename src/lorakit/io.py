@@ -39,6 +39,7 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "p
 # renamed into place first, so after a crash between the two renames the folder
 # still describes one consistent version (the new one).
 META_CONFIG = "lorakit_adapter_config"
+BASE_BIAS = "<trained base bias>"  # tag of bias tensors trained by `bias="all"/"lora_only"`
 
 
 def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -198,7 +199,7 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         for name, tensor in original.state_dict().items():
             expected[f"{PREFIX}{path}.{name}"] = (path, name, tuple(tensor.shape))
     for owner, key in trainable_biases(model, config.bias, {path for path, _ in p.targets}):
-        expected[f"{PREFIX}{key}"] = (key, "bias", tuple(owner.bias.shape))
+        expected[f"{PREFIX}{key}"] = (key, BASE_BIAS, tuple(owner.bias.shape))
     target_modules = dict(p.targets)
     for key in [k for k in files.tensors if k not in expected and k.endswith(".base_layer.weight")]:
         # PEFT saves whole base embedding tables next to embedding adapters
@@ -294,7 +295,7 @@ def load_adapter(
 
 
 def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torch.Tensor:
-    if attr == "bias":  # `path` is the bias's full key in the adapted model
+    if attr == BASE_BIAS:  # `path` is the bias's full key in the adapted model
         return model.get_parameter(path)
     module = model.get_submodule(path)
     if isinstance(module, ModulesToSave):
