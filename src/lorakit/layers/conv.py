@@ -67,7 +67,7 @@ class LoraConv(LoraLayer):
         a = A.reshape(g, r // g, -1)  # (g, r/g, in/g * k...)
         b = B.reshape(g, self.out_features // g, r // g)  # (g, out/g, r/g)
         delta = torch.bmm(b, a).reshape(self.weight.shape)
-        return delta * self.scaling[name]
+        return delta.mul_(self.scaling[name])
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # (out, in/groups * kernel...)
         return w.reshape(w.shape[0], -1)

@@ -38,7 +38,7 @@ class LoraEmbedding(LoraLayer):
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or torch.float32
-        return ((self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]).T
+        return (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)).mul_(self.scaling[name]).T
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

@@ -87,7 +87,7 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or torch.float32
-        delta = (self.lora_B_dense(name).to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
+        delta = (self.lora_B_dense(name).to(dtype) @ self.lora_A[name].to(dtype)).mul_(self.scaling[name])
         return delta.T if self.fan_in_fan_out else delta
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:

@@ -26,4 +26,4 @@ class LoraVariant:
 
     def merged_weight(self, layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         """`W + delta_weight` with `weight` in the accumulation dtype (paper §4.2)."""
-        return weight + layer.delta_weight(adapter, weight.dtype)
+        return layer.delta_weight(adapter, weight.dtype).add_(weight)  # in place: one (out, in) buffer; a + b == b + a exactly
