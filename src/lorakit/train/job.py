@@ -43,8 +43,6 @@ class Prepared:
     """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
 
     def __init__(self, recipe: Recipe, log: Callable[[str], None] = _stderr):
-        import lorakit  # noqa: F401  (ensures the package is importable before heavy work)
-
         self.recipe = recipe
         self.threads = set_threads(recipe.threads)
         self.device, self.dtype = resolve_device(recipe.device, recipe.precision)
@@ -56,6 +54,8 @@ class Prepared:
         s = self.splits.sizes()
         log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
             f"{len(self.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
+        if os.environ.get("LORAKIT_BUSY_CPU"):
+            log(f"the CPU was busy at start (load average {os.environ['LORAKIT_BUSY_CPU']}): running with OMP_WAIT_POLICY=PASSIVE")
         labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
         kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
         t = time.perf_counter()
@@ -63,7 +63,27 @@ class Prepared:
                                                 labels=[str(l) for l in labels] if labels else None, seed=recipe.seed, log=log)
         self.load_seconds = time.perf_counter() - t
         self.model.to(self.device)
+        self.quantization = self.quantize(self.model)
+        if self.quantization is not None:
+            q = self.quantization
+            log(f"quantized {q['layers']} linear layers to {recipe.quantize.upper()} (QLoRA): {q['bits_per_param']:.4f} bits/param, "
+                f"{q['bytes'] / 2**20:.1f} MiB (bf16: {2 * q['params'] / 2**20:.1f} MiB)")
+        from ..quant import base_weight_memory
+
+        self.base_weights = base_weight_memory(self.model)
         self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+
+    def quantize(self, model) -> dict[str, Any] | None:
+        """QLoRA (recipe `quantize: nf4`): every linear layer but the head -> 4-bit NF4, before LoRA.
+
+        Returns the `lorakit.quant.bits_per_param` figures, or None for `quantize: none`.
+        """
+        if self.recipe.quantize == "none":
+            return None
+        from ..quant import bits_per_param, quantize
+
+        quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=self.dtype or torch.float32)
+        return bits_per_param(model).as_dict()
 
     def fresh_model(self):
         """Another copy of the base model, loaded the same way (same seed for a new head)."""
@@ -71,7 +91,9 @@ class Prepared:
         labels = getattr(self.task, "labels", None)
         model, _ = load_model(self.source, kind, num_labels=len(labels) if labels else None,
                               labels=[str(l) for l in labels] if labels else None, seed=self.recipe.seed)
-        return model.to(self.device)
+        model = model.to(self.device)
+        self.quantize(model)
+        return model
 
     def evaluate(self, model, examples):
         return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
@@ -93,7 +115,8 @@ class Prepared:
         return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "device": str(self.device),
                 "precision": "bf16 autocast" if self.dtype is not None else "fp32", "threads": self.threads,
-                "cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+                "cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def _metric_names(task: str) -> list[str]:
@@ -170,7 +193,11 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
     t = time.perf_counter()
     probe_ex = test[:PROBE_EXAMPLES]
     unmerged_logits = task.probe(model, probe_ex, prep.device, prep.dtype)
-    merged_model = lk.merge_and_unload(model)
+    if prep.quantization is not None:  # dequantize + delta in float32 -> a dense model; rounding error reported
+        merged_model, merge_rounding = lk.quant.merge_quantized(model)
+        prep.quantization["merge"] = merge_rounding.as_dict()
+    else:
+        merged_model = lk.merge_and_unload(model)
     merged_logits = task.probe(merged_model, probe_ex, prep.device, prep.dtype)
     merged, merged_preds = prep.evaluate(merged_model, test)
     diffs = sum(a != b for a, b in zip(preds, merged_preds))
@@ -214,6 +241,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
             "reload_identical": bool(torch.equal(reload_logits, unmerged_logits)),
         },
         "adapter": {"path": str(adapter_dir), "bytes": adapter_bytes},
+        "base_weights": prep.base_weights,
+        "quantization": prep.quantization,
         "timings": timings,
         "environment": prep.environment(),
     }

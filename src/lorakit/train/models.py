@@ -182,7 +182,9 @@ def load_model(source: ModelSource, kind: str, *, num_labels: int | None = None,
 
 
 def count_all(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from ..merge import count_parameters  # packed 4-bit weights count their logical elements
+
+    return count_parameters(model)[1]
 
 
 class _quiet_transformers:

@@ -21,6 +21,7 @@ TASKS = ("classify-lm", "classify-head", "instruct")
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+QUANTIZE = ("none", "nf4")
 
 # The default sentiment prompt: an instruction, the review, and "Sentiment:"; the answer is one word.
 SENTIMENT_TEMPLATE = "Review: {text}\nIs this movie review positive or negative?\nSentiment:"
@@ -57,6 +58,10 @@ class Recipe:
         seed: LoRA init, head init, data order. device: `auto` (GPU if present), `cpu`, `cuda`.
         precision: `auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, `bf16`.
         threads: torch CPU threads; default: all CPUs this process may use.
+        quantize: `none`, or `nf4`: QLoRA (arXiv:2305.14314) - every linear layer but the LM head is
+            quantized to 4-bit NormalFloat with double quantization after loading and before LoRA is
+            injected (`lorakit.quantize`; compute dtype: fp32, or bf16 with `precision: bf16`); the
+            report records the base weights' resident bytes and bits per parameter.
         out: output folder; default `runs/<name>`.
     """
 
@@ -89,6 +94,7 @@ class Recipe:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    quantize: str = "none"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -105,6 +111,7 @@ class Recipe:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("quantize", self.quantize, QUANTIZE)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size"):
             _int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "seed", "split_seed"):

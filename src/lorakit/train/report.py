@@ -74,6 +74,17 @@ def markdown(report: dict[str, Any]) -> str:
               f"({lora['adapted_modules']} modules)" + (f", modules_to_save: `{lora['config']['modules_to_save']}`" if lora['config'].get('modules_to_save') else ""),
               f"- trainable parameters: {lora['trainable']:,} of {lora['total']:,} ({lora['trainable_percent']:.3f}%)",
               f"- adapter: `{r['adapter']['path']}` ({r['adapter']['bytes']:,} bytes, PEFT layout)", ""]
+    q, bw = r.get("quantization"), r.get("base_weights")
+    if q and bw:  # QLoRA run (recipe quantize: nf4)
+        lines += ["## 4-bit base (QLoRA)", "",
+                  f"- {q['layers']} linear layers in NF4{' with double quantization' if q['double_quant'] else ''}: "
+                  f"{q['bits_per_param']:.4f} bits/param, {_mib(bw['linear_bytes'])} resident "
+                  f"(bf16: {_mib(bw['linear_bf16_bytes'])}, {bw['linear_bf16_ratio']:.2f}x smaller); "
+                  f"all base weights {_mib(bw['total_bytes'])}"]
+        if q.get("merge"):
+            lines.append(f"- merge (dequantize + delta in float32 -> {q['merge']['dtype']}): max |rounding error| "
+                         f"{q['merge']['max_abs_error']:.3g}, RMS {q['merge']['rms_error']:.3g} (update RMS {q['merge']['delta_rms']:.3g})")
+        lines.append("")
     c = r["checks"]
     lines += ["## Checks", "",
               f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "

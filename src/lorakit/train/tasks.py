@@ -174,14 +174,7 @@ class ClassifyLM(_CausalTask):
 
     @torch.no_grad()
     def _scores(self, model, prompts: list[list[int]], device) -> torch.Tensor:
-        """`(B, C)` summed log-likelihood of each of the C answers after each prompt."""
-        if self.single_token:
-            # one forward: the log-softmax at the prompt's last token, read at each answer's token
-            pairs = [self._encode(p, [0]) for p in prompts]
-            batch = self._collate(pairs, device)
-            logits, _, _ = label_logits(model, batch)
-            logp = torch.log_softmax(logits, dim=-1)
-            return logp[:, [a[0] for a in self.answer_ids]].cpu()
+        """`(B, C)` summed log-likelihood of each of the C (multi-token) answers after each prompt."""
         out = torch.zeros(len(prompts), len(self.answer_ids))
         for c, answer in enumerate(self.answer_ids):
             batch = self._collate([self._encode(p, answer) for p in prompts], device)
