@@ -24,6 +24,8 @@ from .io import adapter_state_dict, load_adapter, load_adapters, read_adapter, r
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import count_parameters, merge, merge_and_unload, unmerge
 from .mixed import mixed_batch
+from . import quant
+from .quant import quantize
 from .variants.loraplus import loraplus_param_groups
 from .variants.pissa import convert_pissa_to_lora, pissa_to_lora
 
@@ -38,4 +40,5 @@ __all__ = [
     "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
     "loraplus_param_groups", "convert_pissa_to_lora", "pissa_to_lora",
+    "quantize", "quant",
 ]

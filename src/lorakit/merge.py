@@ -84,9 +84,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Returns the model with exactly the base architecture: the same module types
     and state-dict keys as before `inject`, no extra FLOPs. Active
     `modules_to_save` copies replace their originals. Each merged weight is
-    rounded once from float32.
+    rounded once from float32. 4-bit (QLoRA) layers are dequantized and merged into
+    dense `nn.Linear` layers (see `lorakit.quant.merge_quantized` for options and the
+    rounding report).
     """
     inner = unwrap(model)
+    if any(getattr(layer, "quantized_base", False) for _, layer in lora_layers(inner)):
+        from .quant.merge import merge_quantized  # 4-bit base: dequantize + delta in float32 -> dense Linear
+
+        return merge_quantized(inner)[0]
     names = get_state(inner).active
     layers = list(lora_layers(inner))
     _untie_if_shared(inner, [(p, layer) for p, layer in layers if any(n in layer.lora_A for n in names)])

@@ -16,6 +16,12 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return None  # nn.MultiheadAttention reads out_proj.weight directly: a wrapper would be bypassed
     if type(module).__module__.startswith("bitsandbytes"):
+        from ..quant.nf4 import is_quantized_linear  # bitsandbytes itself is not imported here
+
+        if is_quantized_linear(module):  # 4-bit NF4 base (QLoRA): lorakit.quant.layer
+            from ..quant.layer import LoraLinear4bit
+
+            return LoraLinear4bit
         return None
     if type(module) is nn.Linear or is_conv1d(module) or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
         return LoraLinear
@@ -27,10 +33,11 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """Linear or GPT-2 Conv1D (what `"all-linear"` selects), adapted or not."""
+    """Linear, GPT-2 Conv1D or 4-bit Linear (what `"all-linear"` selects), adapted or not."""
     if isinstance(module, LoraLayer):
         module = module.base_layer
-    return wrapper_for(module) is LoraLinear
+    cls = wrapper_for(module)
+    return cls is not None and issubclass(cls, LoraLinear)  # LoraLinear4bit too
 
 
 __all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave", "wrapper_for", "is_conv1d", "is_linear_like"]

@@ -1,0 +1,32 @@
+"""QLoRA: LoRA on a frozen 4-bit NormalFloat (NF4) base (Dettmers et al. 2023, arXiv:2305.14314).
+
+    import lorakit as lk
+    lk.quantize(model, "nf4")                 # every nn.Linear but the LM head -> 4-bit NF4, double quantization
+    lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    ...train...
+    merged, report = lk.quant.merge_quantized(model)   # dequantize + delta in float32 -> a dense model
+    print(report.max_abs_error)
+
+The engine is bitsandbytes (`pip install 'lorakit[qlora]'`); see `lorakit.quant.nf4`
+for why, and docs/qlora.md. Importing this package does not import bitsandbytes:
+lorakit works without it, and asking for quantization without it raises `QuantError`.
+"""
+
+from .nf4 import (
+    ENGINES,
+    QuantError,
+    QuantReport,
+    base_weight_memory,
+    bits_per_param,
+    dequantize_weight,
+    guard_cpu_repack,
+    is_quantized_linear,
+    quantize,
+    quantized_layers,
+)
+from .merge import MergeReport, merge_quantized
+
+__all__ = [
+    "quantize", "QuantError", "QuantReport", "bits_per_param", "base_weight_memory", "dequantize_weight",
+    "is_quantized_linear", "quantized_layers", "guard_cpu_repack", "merge_quantized", "MergeReport", "ENGINES",
+]

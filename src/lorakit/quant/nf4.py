@@ -1,0 +1,488 @@
+"""NF4 quantization of a model's frozen linear layers (QLoRA, Dettmers et al. 2023, arXiv:2305.14314).
+
+The format (paper §3):
+
+- 4-bit NormalFloat (NF4, §3 "4-bit NormalFloat Quantization"): each block of 64
+  consecutive weights (row-major `(out_features, in_features)` order) is divided by
+  its absolute maximum `c2` and each value is replaced by the index of the nearest
+  of 16 fixed levels (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0).
+  Two 4-bit codes are packed per byte.
+- Double quantization (§3 "Double Quantization"): the float32 block constants
+  `c2` are themselves quantized: their mean is subtracted and they are stored as
+  8-bit codes (bitsandbytes' dynamic 8-bit map) in blocks of 256, with one float32
+  constant per block. Cost per weight: `4 + 8/64 + 32/(64 * 256) = 4.127` bits,
+  against `4 + 32/64 = 4.5` bits without it.
+- Dequantization (used by the forward and by merges) is `level[code] * c2`, computed
+  in float32 and cast to the compute dtype.
+
+Engine: bitsandbytes (`bitsandbytes.nn.Linear4bit` / `Params4bit`), chosen because
+(1) it *is* the paper's reference implementation, so codes, block constants and
+dequantized weights equal the reference bit for bit (tested); (2) its module and
+state-dict layout (`weight`, `weight.absmax`, `weight.quant_map`,
+`weight.nested_absmax`, ...) is what transformers' `BitsAndBytesConfig` models and
+PEFT's QLoRA layers use, so lorakit QLoRA adapters go both ways to PEFT on a
+bitsandbytes 4-bit model with the same logits (tested); (3) it runs on the CPU.
+Known limits, handled or documented here:
+
+- CPU repack (bitsandbytes 0.50.2): a `Linear4bit` in eval mode that sees an input
+  without `requires_grad` on a CPU with AVX512-BF16 rewrites its weight in place into
+  an inference layout; later forwards use a kernel without autograd, so *training
+  forwards silently give no input gradient*, and the double-quantization constants
+  come back re-quantized (not bit-exact) if the layout is undone. lorakit turns
+  this off on every 4-bit layer it creates or adapts (`guard_cpu_repack`); for a model
+  quantized elsewhere (transformers' `BitsAndBytesConfig`), call
+  `lorakit.quant.guard_cpu_repack(model)` once.
+- FSDP2: bitsandbytes' `Linear4bit` does not compose with FSDP2 (`fully_shard`).
+  torchao's `NF4Tensor` does (and with `torch.compile`), but its codes differ from
+  the reference in ~0.4% of the blocks (its block constants are quantized
+  differently) and its state dict is not what PEFT/transformers read; it is not an
+  engine here (see docs/qlora.md).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import LoraError, TargetNotFoundError, UnsupportedModuleError
+
+ENGINES = ("bitsandbytes",)
+QUANT_TYPES = ("nf4",)
+PIP_HINT = "pip install 'lorakit[qlora]'  (or: pip install bitsandbytes==0.50.2)"
+
+
+class QuantError(LoraError, ValueError):
+    """Quantization asked for but impossible: bitsandbytes missing, a bad option, an unsupported weight."""
+
+
+def bnb():
+    """The `bitsandbytes` module; raises `QuantError` with the pip command if it is not installed."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # ModuleNotFoundError, or a broken native library
+        raise QuantError(f"4-bit quantization (QLoRA) needs bitsandbytes, which cannot be imported ({exc}); {PIP_HINT}") from None
+    return bitsandbytes
+
+
+# ---------------------------------------------------------------------- recognising 4-bit layers
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (`Linear4bit`, `LinearNF4`, ...), without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(path, module)` of every 4-bit linear layer in `model` (inside LoRA wrappers too)."""
+    return [(p, m) for p, m in model.named_modules() if is_quantized_linear(m)]
+
+
+def guard_cpu_repack(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` (or `model` itself) in its trainable layout.
+
+    Sets `support_avx512bf16_for_cpu = False` (see the module docstring: bitsandbytes
+    0.50.2 otherwise repacks the weight after one eval-mode forward without grad and
+    later training forwards give no input gradient). A layer already repacked is
+    converted back, with a warning: the codes come back exactly but the
+    double-quantization constants are re-quantized by bitsandbytes. Idempotent.
+
+    Returns:
+        The number of 4-bit layers seen.
+    """
+    n = 0
+    for _, module in ([("", model)] if is_quantized_linear(model) else quantized_layers(model)):
+        n += 1
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            warnings.warn(
+                "a bitsandbytes 4-bit layer had already been repacked for CPU inference (an eval forward without grad); "
+                "converting it back so that it can train (its double-quantization constants are re-quantized)",
+                stacklevel=2,
+            )
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.quant_state = module.weight.quant_state
+    return n
+
+
+# ---------------------------------------------------------------------- (de)quantizing one weight
+def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized weight `level[code] * c2` of a 4-bit layer: `(out_features, in_features)`, `dtype`.
+
+    Computed in float32 (bitsandbytes' own kernel, as its forward does) and cast once
+    to `dtype`. The module is not changed.
+    """
+    F = bnb().functional
+    weight = module.weight if is_quantized_linear(module) else module
+    state = weight.quant_state
+    if state is None:
+        raise QuantError(f"{type(module).__name__} has no quantization state (not quantized yet: move it to a device first)")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise QuantError("this 4-bit layer was repacked for CPU inference; call lorakit.quant.guard_cpu_repack(model) first")
+    state32 = _copy_state(state)
+    state32.dtype = torch.float32
+    return F.dequantize_4bit(weight.data, state32).reshape(tuple(state.shape)).to(dtype)
+
+
+def _copy_state(state):
+    import copy
+
+    return copy.copy(state)
+
+
+def quantize_weight(weight: torch.Tensor, *, double_quant: bool = True, blocksize: int = 64, quant_type: str = "nf4"):
+    """A bitsandbytes `Params4bit` holding `weight: (out_features, in_features)` in NF4 (frozen).
+
+    The state remembers `weight.dtype` (bitsandbytes' dequantization dtype).
+    """
+    b = bnb()
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise QuantError(f"NF4 quantization needs a float32/bfloat16/float16 weight, got {weight.dtype}")
+    if weight.device.type == "meta":
+        raise QuantError("cannot quantize a weight on the meta device; load the real weights first")
+    param = b.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, blocksize=blocksize,
+                            compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8)
+    return param.to(weight.device)  # bitsandbytes quantizes on the first move to a device
+
+
+def make_linear4bit(linear: nn.Module, *, weight: torch.Tensor | None = None, double_quant: bool = True,
+                    blocksize: int = 64, compute_dtype: torch.dtype | None = None, quant_type: str = "nf4") -> nn.Module:
+    """A guarded `bitsandbytes.nn.Linear4bit` computing like `linear` (its bias object is shared).
+
+    `weight` (default `linear.weight`): `(out_features, in_features)` to quantize.
+    `compute_dtype` (default: the weight's dtype): the dtype the input and the
+    dequantized weight are cast to for the matmul (paper §3: bf16).
+    """
+    b = bnb()
+    w = linear.weight if weight is None else weight
+    compute_dtype = compute_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
+    out_f, in_f = linear.out_features, linear.in_features
+    q = b.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, compress_statistics=double_quant,
+                        quant_type=quant_type, quant_storage=torch.uint8, device="meta")
+    param = quantize_weight(w, double_quant=double_quant, blocksize=blocksize, quant_type=quant_type)
+    param.module = q
+    q.weight = param
+    q.quant_state = param.quant_state
+    if getattr(linear, "bias", None) is not None:
+        q.bias = linear.bias
+    q.support_avx512bf16_for_cpu = False
+    q.train(linear.training)
+    return q
+
+
+# ---------------------------------------------------------------------- quantize(model)
+def _select(selector, path: str) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    return any(path == t or path.endswith("." + t) for t in selector)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False  # nn.MultiheadAttention reads out_proj.weight directly
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not is_quantized_linear(module)
+
+
+def quantize(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    *,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
+    blocksize: int = 64,
+    modules: Iterable[str] | str = "all-linear",
+    exclude_modules: Iterable[str] | str | None = None,
+    include_head: bool = False,
+    engine: str = "bitsandbytes",
+) -> nn.Module:
+    """Replace the frozen linear layers of `model` by 4-bit NF4 layers, in place (QLoRA §3).
+
+    Call it before `lorakit.inject`: LoRA layers then run on top of the 4-bit weights
+    (`lorakit.quant.layer.LoraLinear4bit`). Each selected `nn.Linear` (weight
+    `(out_features, in_features)`, float32/bf16/fp16) becomes a bitsandbytes
+    `Linear4bit` holding NF4 codes (4 bits per weight) and block constants (blocks of
+    `blocksize` = 64; with `double_quant`, 8-bit constants in blocks of 256 plus one
+    float32 per block: 4.127 bits per weight in total, else 4.5). The bias stays in its dtype.
+    The original float weights are released layer by layer (peak: one extra layer).
+
+    Args:
+        quant_type: `"nf4"` (the only type; the paper's 4-bit NormalFloat).
+        double_quant: quantize the block constants too (paper §3). Default True.
+        compute_dtype: dtype of the 4-bit layers' matmuls (input and dequantized
+            weight are cast to it; the output is cast back to the input's dtype):
+            a `torch.dtype` or `"float32"`/`"bfloat16"`/`"float16"`. Default: each
+            weight's own dtype (float32 for a float32 model). The paper uses bf16.
+        blocksize: weights per block constant (paper: 64).
+        modules: which layers: `"all-linear"` (every `nn.Linear` but the output head,
+            not only LoRA targets), a list of names (whole dotted suffixes of module
+            paths), or a regex matched against full paths.
+        exclude_modules: layers to keep in full precision; same matching rules.
+        include_head: also quantize the output head (the LM head; default False, as the paper).
+        engine: `"bitsandbytes"`.
+
+    Returns:
+        `model`, for chaining. `lorakit.quant.bits_per_param(model)` measures the result.
+    Raises:
+        QuantError: bitsandbytes missing (with the pip command), a bad option, a weight
+            on the meta device or of another dtype, or a model that already has
+            lorakit adapters (quantize first, then inject).
+        TargetNotFoundError: `modules` matched no linear layer.
+        UnsupportedModuleError: `modules` names a layer that is not an `nn.Linear`
+            (GPT-2 `Conv1D`, `nn.MultiheadAttention.out_proj`) or whose weight is tied.
+    """
+    from ..inject import output_head_path
+    from ..state import has_adapters, replace_module, unwrap
+
+    if quant_type not in QUANT_TYPES:
+        raise QuantError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if engine not in ENGINES:
+        raise QuantError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if isinstance(compute_dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if compute_dtype not in names:
+            raise QuantError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
+        compute_dtype = names[compute_dtype]
+    if compute_dtype is not None and compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise QuantError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {compute_dtype}")
+    if not isinstance(blocksize, int) or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise QuantError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+    inner = unwrap(model)
+    if has_adapters(inner):
+        raise QuantError("this model already has lorakit adapters: call lorakit.quantize before lorakit.inject / load_adapter")
+    bnb()  # fail before changing anything
+    head = None if include_head else output_head_path(inner)
+    selector = modules if isinstance(modules, str) else list(modules)
+    exclude = None if exclude_modules is None else (exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
+
+    chosen: list[tuple[str, nn.Module]] = []
+    skipped_conv1d: list[str] = []
+    for path, module in inner.named_modules():
+        if not path or is_quantized_linear(module):
+            continue
+        if selector == "all-linear":
+            if path == head:
+                continue
+            if _is_plain_linear(module):
+                chosen.append((path, module))
+            elif type(module).__name__ == "Conv1D":
+                skipped_conv1d.append(path)
+            continue
+        if not _select(selector, path):
+            continue
+        if not _is_plain_linear(module):
+            raise UnsupportedModuleError(
+                f"module {path!r} of type {type(module).__name__} matched modules={selector!r} but only nn.Linear layers "
+                "can be quantized to NF4"
+            )
+        chosen.append((path, module))
+    if exclude is not None:
+        chosen = [(p, m) for p, m in chosen if not _select(exclude, p)]
+    if not chosen:
+        raise TargetNotFoundError(f"quantize: modules={selector!r} matched no nn.Linear layer of {type(inner).__name__}")
+    if skipped_conv1d:
+        warnings.warn(f"quantize: {len(skipped_conv1d)} GPT-2 Conv1D layers (e.g. {skipped_conv1d[0]!r}) stay in full precision; "
+                      "only nn.Linear layers are quantized to NF4", stacklevel=2)
+    counts: dict[int, int] = {}
+    for _, p in inner.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for path, module in chosen:
+        w = module.weight
+        if counts.get(id(w), 0) > 1:
+            raise UnsupportedModuleError(f"module {path!r}: its weight is tied to another module; quantizing it would untie it "
+                                         "(exclude it, or untie it first)")
+        if w.device.type == "meta":
+            raise QuantError(f"module {path!r}: its weight is on the meta device; load the real weights before quantizing")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise QuantError(f"module {path!r}: NF4 needs a float32/bfloat16/float16 weight, got {w.dtype}")
+    tables: dict[str, torch.Tensor] = {}
+    for path, module in chosen:
+        q = make_linear4bit(module, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype, quant_type=quant_type)
+        share_tables(q, tables)
+        replace_module(inner, path, q)  # the float weight is freed here unless the caller holds the old module
+    return model
+
+
+def share_tables(module: nn.Module, tables: dict[str, torch.Tensor]) -> None:
+    """Point `module`'s lookup tables (the 16 NF4 levels, the 256-entry 8-bit map) at equal ones in `tables`.
+
+    bitsandbytes gives every layer its own copy of these constants of the format; one
+    shared copy saves ~1 KiB per layer (0.02 bits per weight on SmolLM2) and changes
+    no value. `tables` (role -> tensor) is filled with the first copies seen.
+    """
+    state = module.weight.quant_state
+    pairs = [("quant_map", state, "code")]
+    if state.nested:
+        pairs.append(("nested_quant_map", state.state2, "code"))
+    for role, owner, attr in pairs:
+        t = getattr(owner, attr)
+        known = tables.get(role)
+        if known is None:
+            tables[role] = t
+        elif known is not t and known.device == t.device and known.dtype == t.dtype and torch.equal(known, t):
+            setattr(owner, attr, known)
+
+
+# ---------------------------------------------------------------------- accounting
+def _stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a 4-bit layer keeps for its weight (bias excluded), by role."""
+    w = module.weight
+    state = w.quant_state
+    out = {"codes": w.data, "absmax": state.absmax, "quant_map": state.code}
+    if state.nested:
+        out.update({"nested_absmax": state.state2.absmax, "nested_quant_map": state.state2.code, "offset": state.offset})
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class QuantReport:
+    """What the 4-bit layers of a model store, counted from their tensors.
+
+    Attributes:
+        layers: number of 4-bit linear layers.
+        params: logical weights they hold (`sum(out_features * in_features)`).
+        bytes_by_role: bytes per kind of tensor, each distinct tensor counted once:
+            `codes` (packed NF4, 2 per byte), `absmax` (block constants: uint8 with double
+            quantization, else float32), `nested_absmax` (float32, one per 256 constants),
+            `offset` (float32 mean of the constants), `quant_map` / `nested_quant_map`
+            (the 16-level NF4 table and the 256-entry 8-bit table).
+        double_quant: whether the layers use double quantization (None if mixed).
+        bits_per_param: `8 * sum(bytes_by_role) / params`. QLoRA §3: 4.127 with double
+            quantization, 4.5 without.
+        bits_per_param_format: the same without the two lookup tables, which are
+            constants of the format rather than data (the paper's count).
+    """
+
+    layers: int
+    params: int
+    bytes_by_role: dict[str, int] = field(default_factory=dict)
+    double_quant: bool | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_role.values())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.bytes / self.params if self.params else float("nan")
+
+    @property
+    def bits_per_param_format(self) -> float:
+        data = sum(v for k, v in self.bytes_by_role.items() if not k.endswith("quant_map"))
+        return 8.0 * data / self.params if self.params else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "params": self.params, "bytes": self.bytes, "bytes_by_role": dict(self.bytes_by_role),
+                "double_quant": self.double_quant, "bits_per_param": self.bits_per_param,
+                "bits_per_param_format": self.bits_per_param_format}
+
+
+def bits_per_param(model: nn.Module) -> QuantReport:
+    """Count the stored tensors of every 4-bit linear layer of `model` (see `QuantReport`).
+
+    Every distinct tensor (by storage) counts once, so lookup tables shared between
+    layers count once. Raises `QuantError` if the model has no 4-bit layer.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise QuantError(f"{type(model).__name__} has no 4-bit layers (call lorakit.quantize first)")
+    seen: set[tuple[int, int]] = set()
+    by_role: dict[str, int] = {}
+    params = 0
+    nested = set()
+    for _, module in layers:
+        state = module.weight.quant_state
+        params += int(torch.Size(state.shape).numel())
+        nested.add(bool(state.nested))
+        for role, t in _stored_tensors(module).items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            by_role[role] = by_role.get(role, 0) + _nbytes(t)
+    return QuantReport(len(layers), params, by_role, nested.pop() if len(nested) == 1 else None)
+
+
+def base_weight_memory(model: nn.Module) -> dict:
+    """Resident bytes of `model`'s base weights (LoRA and `modules_to_save` copies excluded).
+
+    Counts each distinct storage once: parameters and buffers of the base model, plus the
+    quantization state of 4-bit layers. Returns a dict with
+    `total_bytes`; `linear_params` / `linear_bytes` (the `nn.Linear` and 4-bit linear
+    layers, LM head excluded unless quantized); `linear_bf16_bytes` (`2 * linear_params`,
+    what they take in bf16); `linear_bf16_ratio` (`linear_bf16_bytes / linear_bytes`);
+    `other_bytes` (embeddings, norms, an unquantized head, ...); `total_bf16_bytes`
+    (every base parameter in bf16) and `total_bf16_ratio`.
+    """
+    from ..inject import output_head_path
+    from ..layers import LoraLayer, ModulesToSave
+    from ..state import unwrap
+
+    inner = unwrap(model)
+    head = output_head_path(inner)
+    seen: set[int] = set()
+    adapter_ids = set()
+    for m in inner.modules():
+        if isinstance(m, LoraLayer):
+            for table in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                if table in m._modules:
+                    adapter_ids |= {id(p) for p in m._modules[table].parameters()}
+        if isinstance(m, ModulesToSave):
+            adapter_ids |= {id(p) for p in m.modules_to_save.parameters()}
+
+    def add(t: torch.Tensor | None) -> int:
+        if t is None or id(t) in adapter_ids:
+            return 0
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.untyped_storage().nbytes() if t.device.type != "meta" else _nbytes(t)
+
+    linear_bytes = linear_params = other_bytes = logical_params = 0
+    for path, module in inner.named_modules():
+        path_in_base = path.replace(".base_layer", "")
+        if is_quantized_linear(module):
+            state = module.weight.quant_state
+            n = int(torch.Size(state.shape).numel())
+            linear_params += n
+            logical_params += n
+            linear_bytes += sum(add(t) for t in _stored_tensors(module).values())
+            if module.bias is not None:
+                logical_params += module.bias.numel()
+                other_bytes += add(module.bias)
+            continue
+        own = list(module._parameters.items()) + list(module._buffers.items())
+        is_lin = isinstance(module, nn.Linear) and path_in_base != head and not isinstance(module, (LoraLayer,))
+        for name, t in own:
+            if t is None or id(t) in adapter_ids:
+                continue
+            b = add(t)
+            if name == "weight" and is_lin:
+                linear_bytes += b
+                linear_params += t.numel() if b else 0
+            else:
+                other_bytes += b
+            if b and isinstance(t, nn.Parameter):
+                logical_params += t.numel()
+    total = linear_bytes + other_bytes
+    return {
+        "total_bytes": total,
+        "linear_params": linear_params,
+        "linear_bytes": linear_bytes,
+        "linear_bf16_bytes": 2 * linear_params,
+        "linear_bf16_ratio": (2 * linear_params / linear_bytes) if linear_bytes else None,
+        "other_bytes": other_bytes,
+        "params": logical_params,
+        "total_bf16_bytes": 2 * logical_params,
+        "total_bf16_ratio": (2 * logical_params / total) if total else None,
+    }
