@@ -40,9 +40,11 @@ def test_split_is_deterministic_disjoint_and_seeded():
 
 def test_split_keeps_same_prompt_in_one_split():
     ex = [{"prompt": f"q{i % 10}", "response": f"a{i}"} for i in range(100)]
+    ex += [{"prompt": "big", "response": f"b{i}"} for i in range(40)]  # a group larger than the held-out splits
     s = D.split(ex, 20, 10, seed=0)
     sets = [{e["prompt"] for e in part} for part in (s.train, s.val, s.test)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert s.sizes() == {"train": 110, "val": 10, "test": 20} and "big" in sets[0]
 
 
 def test_small_files_shrink_the_held_out_splits():

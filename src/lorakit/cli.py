@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    if from_shell:
+    if from_shell and not getattr(args, "print_recipe", False):
         _restart_with_passive_openmp(args.command)
     from .errors import LoraError
 

@@ -241,9 +241,10 @@ def split(examples: list[dict[str, Any]], test_size: int, val_size: int, seed: i
     """Deterministic disjoint split by key: the same examples, sizes and seed give the same split.
 
     Keys are ordered by sha256(seed, key) — stable across Python versions and platforms —
-    and taken into test, then validation, then train, so examples sharing a text or prompt
-    never straddle splits. Sizes count examples (a key group may overshoot slightly) and
-    are capped at 20% (test) and 10% (validation) of the data for small files.
+    and each key's group of examples goes whole into test if it fits, else validation if it
+    fits, else train; so examples sharing a text or prompt never straddle splits and the
+    held-out sizes never exceed `test_size` / `val_size` (they fall short only when no
+    group fits). Sizes are capped at 20% (test) and 10% (validation) of the data.
     """
     n = len(examples)
     test_size = min(test_size, max(1, n // 5))
@@ -254,8 +255,13 @@ def split(examples: list[dict[str, Any]], test_size: int, val_size: int, seed: i
     order = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).hexdigest())
     test, val, train = [], [], []
     for key in order:
-        dest = test if len(test) < test_size else val if len(val) < val_size else train
-        dest.extend(groups[key])
+        group = groups[key]
+        if len(test) + len(group) <= test_size:
+            test.extend(group)
+        elif len(val) + len(group) <= val_size:
+            val.extend(group)
+        else:  # a group too big for what is left of test/val goes to train
+            train.extend(group)
     if not train:
         raise DataError(f"{n} examples leave nothing to train on after the test and validation splits")
     return Splits(train, val, test)
