@@ -99,3 +99,16 @@ def test_no_trainable_parameters_is_an_error():
     model = torch.nn.Linear(2, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, _mse, iter([]), LoopConfig(steps=1, lr=0.1), device=torch.device("cpu"), log=lambda m: None)
+
+
+def test_plain_log_lines_outside_a_terminal():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = _regression(16)
+    lines = []
+    train(model, _mse, _stream(x, y, 8), LoopConfig(steps=10, lr=0.01, log_every=5, eval_every=5), device=torch.device("cpu"),
+          evaluate=lambda: {"loss": 1.0}, log=lines.append)  # pytest's stderr is not a terminal: tqdm stays off
+    steps = [l.split()[1] for l in lines if l.startswith("step ")]
+    assert steps == ["1/10", "5/10", "10/10"]
+    assert [l.split(":")[0] for l in lines if l.startswith("eval")] == ["eval @ step 0", "eval @ step 5", "eval @ step 10"]
+    assert all("tok/s" in l and "lr" in l for l in lines if l.startswith("step "))

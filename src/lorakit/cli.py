@@ -305,7 +305,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  base model: {cfg.base_model_name_or_path}  task type: {cfg.task_type}")
     print(f"  r={cfg.r} alpha={cfg.alpha} scaling={'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'} dropout={cfg.dropout}"
           f"{' DoRA' if cfg.use_dora else ''}")
-    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else f"{len(cfg.target_modules)} modules"
+    names = cfg.target_modules
+    targets = names if isinstance(names, str) or len(names) <= 6 else f"{len(names)} modules ({', '.join(names[:3])}, ...)"
     print(f"  target modules: {targets}; modules_to_save: {cfg.modules_to_save}")
     print(f"  {len(files.tensors)} tensors, {n:,} parameters, {size:,} bytes")
     from .train.job import read_train_info
