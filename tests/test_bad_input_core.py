@@ -194,3 +194,23 @@ def test_load_into_wrong_architecture(saved):
     with pytest.raises(lk.AdapterLoadError):
         lk.load_adapter(model, saved)
     assert_same_state(model, snap)
+
+
+def test_base_weights_in_adapter_file_must_match_the_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    pm.save_pretrained(tmp_path)  # PEFT adds the whole base embedding table
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors
+    lk.load_adapter(tiny_llama(), tmp_path)  # equal to the model's table: accepted, not applied
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, path)
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    with pytest.raises(lk.AdapterLoadError, match="does not overwrite base weights"):
+        lk.load_adapter(model, tmp_path)
+    assert_same_state(model, snap)
