@@ -66,5 +66,6 @@ def test_chat_instruct_smollm2_short(tmp_path, smollm2_folder):
     _check(report, out, trainable_below=2.0)
     assert report["test"]["after"]["loss"] < report["test"]["before"]["loss"]
     assert report["test"]["merged"]["loss"] == pytest.approx(report["test"]["after"]["loss"], abs=1e-4)
+    assert report["checks"]["merged_predictions_equal"]  # every per-example loss within 1e-4
     assert len(report["samples"]) == 3 and all(s["after"] for s in report["samples"])
     _reproduced(out, "loss")

@@ -118,7 +118,7 @@ def converted_gguf(gguf: Path, log=None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are plain floats now; save_pretrained refuses while these are set.
@@ -126,8 +126,9 @@ def converted_gguf(gguf: Path, log=None) -> Path:
             del model.config.quantization_config
         model.hf_quantizer = None
         model.config.name_or_path = str(target)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / "lorakit_source.txt").write_text(f"{gguf}\nsha256 {digest}\n", encoding="utf-8")
         try:
             os.rename(tmp, target)
@@ -160,7 +161,7 @@ def load_model(source: ModelSource, kind: str, *, num_labels: int | None = None,
     folder = model_folder(source, log)
     torch.manual_seed(seed)  # a new head's init depends on it
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder)
             if kind == "causal-lm":
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -187,7 +188,7 @@ def count_all(model: torch.nn.Module) -> int:
     return count_parameters(model)[1]
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """Silence transformers' info logging and progress bars inside the block."""
 
     def __enter__(self):

@@ -88,7 +88,8 @@ def markdown(report: dict[str, Any]) -> str:
     c = r["checks"]
     lines += ["## Checks", "",
               f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
-              f"test predictions identical: {c['merged_predictions_equal']} ({c['merged_prediction_differences']} differ)",
+              f"{c.get('merged_compared', 'test predictions')} identical: {c['merged_predictions_equal']} "
+              f"({c['merged_prediction_differences']} differ)",
               f"- saved adapter reloaded into a fresh base model: max |logit diff| = {c['reload_max_abs_diff']:.3g}", ""]
     t = r["training"]
     lines += ["## Training", "",
@@ -102,10 +103,11 @@ def markdown(report: dict[str, Any]) -> str:
               "(" + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in r["timings"].items() if k != "total_seconds") + ")", "",
               "![loss](loss.png)", ""]
     if r.get("samples"):
-        lines += ["## Sample answers (held-out prompts, greedy)", ""]
+        lines += ["## Sample answers (held-out prompts, greedy, at most 32 new tokens)", ""]
         for s in r["samples"]:
-            lines += [f"- **Q:** {s['prompt']}", f"  - before: {s['before']}", f"  - after: {s['after']}", f"  - reference: {s['reference']}"]
-        lines.append("")
+            lines += [f"**Q:** {' '.join(s['prompt'].split())}", ""]
+            for key in ("before", "after", "reference"):
+                lines += [f"{key}:", "", "~~~text", s[key].replace("~~~", "~ ~ ~"), "~~~", ""]
     lines += ["Reproduce the test numbers from the saved files alone:", "",
               f"    lorakit eval --adapter {r['adapter']['path']}", ""]
     return "\n".join(lines)
