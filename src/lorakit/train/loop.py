@@ -125,7 +125,8 @@ def train(
         result.eval_seconds += time.perf_counter() - t
         result.evals.append({"step": step, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        log(f"eval @ step {step}: {shown}")
+        with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
+            log(f"eval @ step {step}: {shown}")
 
     run_eval(0)
     model.train()
