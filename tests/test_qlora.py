@@ -231,6 +231,19 @@ def test_quantize_llama_defaults_and_step0_identity():
     assert total == trainable + sum(p.numel() for p in tiny_llama(hidden_size=64, intermediate_size=128).parameters())
 
 
+def test_quantize_selected_blocks_and_exclusions():
+    model = tiny_llama(hidden_size=64, intermediate_size=128)
+    lk.quantize(model, modules=["layers.0"], exclude_modules=["down_proj"])
+    assert sorted(p.rsplit(".", 1)[-1] for p, _ in lk.quant.quantized_layers(model)) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    assert all(p.startswith("model.layers.0.") for p, _ in lk.quant.quantized_layers(model))
+    model = tiny_llama(hidden_size=64, intermediate_size=128)
+    lk.quantize(model, modules=r".*\.(q|v)_proj", include_head=True)
+    assert len(lk.quant.quantized_layers(model)) == 4
+    lk.quantize(model, modules=["lm_head"], include_head=True)
+    assert len(lk.quant.quantized_layers(model)) == 5
+
+
 def test_quantize_bf16_compute_dtype():
     model = stack()
     lk.quantize(model, compute_dtype="bfloat16")

@@ -33,10 +33,15 @@ Known limits, handled or documented here:
   quantized elsewhere (transformers' `BitsAndBytesConfig`), call
   `lorakit.quant.guard_cpu_repack(model)` once.
 - FSDP2: bitsandbytes' `Linear4bit` does not compose with FSDP2 (`fully_shard`).
-  torchao's `NF4Tensor` does (and with `torch.compile`), but its codes differ from
-  the reference in ~0.4% of the blocks (its block constants are quantized
-  differently) and its state dict is not what PEFT/transformers read; it is not an
-  engine here (see docs/qlora.md).
+  torchao's `NF4Tensor` (0.18: `torchao.quantization.quantize_.workflows.nf4`; 0.17:
+  `torchao.dtypes.nf4tensor`) does, and with `torch.compile`, but it is not an engine
+  here. Measured on SmolLM2-135M (torchao 0.18.0 vs bitsandbytes 0.50.2, blocks of 64,
+  constants in blocks of 256): its codes differ from the reference in 0.373% of the
+  blocks (0.017% of the codes: its NF4 table is rounded to 4 decimals), its
+  dequantized weights differ by up to 11.5% of max|W| in those blocks (linear int8
+  instead of dynamic 8-bit constants), it cannot quantize q/k/v/o_proj at all (it
+  needs a multiple of 256 constants per tensor: 576*576/64 = 5184 is not), and its
+  state dict is not what PEFT/transformers read. See docs/qlora.md.
 """
 
 from __future__ import annotations
@@ -220,7 +225,8 @@ def quantize(
         blocksize: weights per block constant (paper: 64).
         modules: which layers: `"all-linear"` (every `nn.Linear` but the output head,
             not only LoRA targets), a list of names (whole dotted suffixes of module
-            paths), or a regex matched against full paths.
+            paths), or a regex matched against full paths. A matched module that is a
+            block (e.g. `"model.layers.0"`) stands for every `nn.Linear` inside it.
         exclude_modules: layers to keep in full precision; same matching rules.
         include_head: also quantize the output head (the LM head; default False, as the paper).
         engine: `"bitsandbytes"`.
@@ -261,6 +267,7 @@ def quantize(
     exclude = None if exclude_modules is None else (exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
 
     chosen: list[tuple[str, nn.Module]] = []
+    blocks: list[str] = []
     skipped_conv1d: list[str] = []
     for path, module in inner.named_modules():
         if not path or is_quantized_linear(module):
@@ -273,14 +280,19 @@ def quantize(
             elif type(module).__name__ == "Conv1D":
                 skipped_conv1d.append(path)
             continue
-        if not _select(selector, path):
+        if not _select(selector, path) or any(path.startswith(p + ".") for p in blocks):
             continue
-        if not _is_plain_linear(module):
+        if _is_plain_linear(module):
+            chosen.append((path, module))
+            continue
+        inside = [(f"{path}.{p}", m) for p, m in module.named_modules() if p and _is_plain_linear(m) and f"{path}.{p}" != head]
+        if not inside:
             raise UnsupportedModuleError(
-                f"module {path!r} of type {type(module).__name__} matched modules={selector!r} but only nn.Linear layers "
-                "can be quantized to NF4"
+                f"module {path!r} of type {type(module).__name__} matched modules={selector!r} but is not an nn.Linear and "
+                "holds none; only nn.Linear layers can be quantized to NF4"
             )
-        chosen.append((path, module))
+        blocks.append(path)  # a block: every nn.Linear inside it
+        chosen.extend(inside)
     if exclude is not None:
         chosen = [(p, m) for p, m in chosen if not _select(exclude, p)]
     if not chosen:
