@@ -92,7 +92,6 @@ def run(rounds: int = 5, counts=(8, 64)) -> dict:
             times = paired({k: dec(k) for k in ("base", "lorakit", "peft")}, rounds, inner=10)
             res["decode"] = {"seconds": medians(times), "lorakit/base": ratio(times, "lorakit", "base"), "peft/base": ratio(times, "peft", "base")}
         out[f"{n}_adapters"] = res
-        del ours, theirs
     return out
 
 

@@ -231,11 +231,7 @@ class LoraLayer(nn.Module):
         Merging an adapter that is already merged is a no-op. Raises
         `AdapterNotFoundError` for a name this layer does not have.
         """
-        names = tuple(self.active_adapters if names is None else names)
-        for n in names:
-            if n not in self.lora_A:
-                raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
-        new = tuple(n for n in names if n not in self.merged_adapters)
+        new = self.to_merge(names)
         if not new:
             return
         w = self.weight
@@ -246,6 +242,14 @@ class LoraLayer(nn.Module):
             w.copy_(self.merged_weight(merged))
         self.merged_adapters = merged
         self._refresh()
+
+    def to_merge(self, names: Iterable[str] | None) -> tuple[str, ...]:
+        """The adapters of `names` (default: the active ones) not merged yet; checks they exist."""
+        names = tuple(self.active_adapters if names is None else names)
+        for n in names:
+            if n not in self.lora_A:
+                raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
+        return tuple(n for n in names if n not in self.merged_adapters)
 
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
         """The base weight with `names` folded in, from the original `W0`, in the base dtype."""

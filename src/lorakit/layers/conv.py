@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,17 +46,6 @@ class LoraConv(LoraLayer):
         w = self.weight
         ones = (1,) * (w.dim() - 2)
         return (r, *w.shape[1:]), (self.out_features, r // self.groups, *ones)
-
-    def init_lora(self, name: str, init: str) -> None:
-        A, B = self.lora_A[name], self.lora_B[name]
-        if A.device.type == "meta":
-            return
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(A, std=1.0 / self.r[name])
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or torch.float32

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdapterNotFoundError
 from ..layers.linear import LoraLinear
 from .nf4 import dequantize_weight, guard_cpu_repack, make_linear4bit, quantize_weight
 
@@ -126,11 +125,7 @@ class LoraLinear4bit(LoraLinear):
 
     def merge(self, names=None) -> None:
         """Fold adapters (default: the active ones) into the layer; see the module docstring. Merging twice is a no-op."""
-        names = tuple(self.active_adapters if names is None else names)
-        for n in names:
-            if n not in self.lora_A:
-                raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
-        new = tuple(n for n in names if n not in self.merged_adapters)
+        new = self.to_merge(names)
         if not new:
             return
         merged = self.merged_adapters + new
