@@ -42,9 +42,11 @@ META_CONFIG = "lorakit_adapter_config"
 BASE_BIAS = "<trained base bias>"  # tag of bias tensors trained by `bias="all"/"lora_only"`
 
 
-def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their PEFT file keys (`base_model.model.<path>...`), detached, on CPU."""
-    require_adapter(model, adapter)
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their PEFT file keys (`base_model.model.<path>...`), detached, on CPU.
+
+    `adapter=None` means the model's only adapter (or the one named "default")."""
+    adapter = resolve_adapter(model, adapter)
     out: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if adapter not in layer.lora_A:
@@ -64,6 +66,18 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
+    """`adapter`, or for None: "default" if the model has it, else its only adapter."""
+    names = list(get_state(model).configs)
+    if adapter is None:
+        if "default" in names or len(names) != 1:
+            adapter = "default"
+        else:
+            adapter = names[0]
+    require_adapter(model, adapter)
+    return adapter
+
+
 def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, dict]:
     config = require_adapter(model, adapter)
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
@@ -78,8 +92,10 @@ def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, 
     return config, fan_in_fan_out, fused
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None) -> Path:
     """Write adapter `adapter` to folder `path` in the PEFT layout (created if missing).
+
+    `adapter=None` means the adapter named "default", else the model's only adapter.
 
     Only the adapter's tensors are written (never base weights), in their training
     dtype. Each file is replaced atomically, weights first, so a crash mid-save
@@ -94,6 +110,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str = "default") -
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise LoraError(f"cannot save adapter to {folder}: it exists and is not a folder")
+    adapter = resolve_adapter(model, adapter)
     tensors = adapter_state_dict(model, adapter)
     config, fan_in_fan_out, fused = _config_for_file(model, adapter)
     config_json = config.to_json(fan_in_fan_out, fused)
