@@ -82,4 +82,4 @@ def lora_linear(
         h = torch.nn.functional.dropout(x2, p, True) if p > 0 else x2
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
         out.addmm_(h @ A.T, B.T, alpha=scaling)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out.view(x.shape[:-1] + out.shape[-1:])

@@ -48,11 +48,12 @@ class LoraLinear(LoraLayer):
         name = self._fused
         if name is None or self._mixed is not None or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        A, w = self.lora_A[name], self.weight
+        table_a, table_b, base = self._tables
+        A, w = table_a[name], base["weight"]
         if x.dtype != A.dtype or w.dtype != A.dtype:
             return super().forward(x)
         return lora_linear(
-            x, w.T if self.fan_in_fan_out else w, self.base_layer.bias, A, self.lora_B[name], self.scaling[name],
+            x, w.T if self.fan_in_fan_out else w, base.get("bias"), A, table_b[name], self.scaling[name],
             self.lora_dropout[name] if self.training else 0.0,
         )
 
