@@ -1,0 +1,404 @@
+"""Running the arms of an experiment: one recipe plus one change each, on a shared model load,
+data split and zero-shot score.
+
+An `Arm` is a recipe change (`{"lora": {"r": 4}}`, `{"lr": 5e-5}`, ...) plus, optionally, full
+fine-tuning instead of LoRA or LoRA+ parameter groups. `Session.run(base, arm, folder)` trains
+it exactly as `lorakit train` would (same seeds, same batches, same `lorakit.train.loop.train`,
+same scoring), evaluates it on the recipe's held-out test split and returns a `RunResult`. What
+`lorakit train` does besides (validation during training, the merge and reload checks, its
+report) is left out to save time; for plain LoRA the trained weights and test numbers are the
+ones `lorakit train` gives for the same recipe.
+
+Prepared models (`lorakit.train.job.Prepared`) and the zero-shot score are shared by every arm
+with the same model, data, split and scoring fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+# Fields that decide the model load, the data split and the scoring: arms that agree on them
+# share one `Prepared` (and one zero-shot evaluation).
+PREPARED_FIELDS = ("model", "task", "data", "text_field", "label_field", "prompt_field", "response_field", "label_words",
+                   "prompt_template", "test_size", "val_size", "split_seed", "max_length", "eval_batch_size", "seed",
+                   "device", "precision", "threads", "quantize")
+
+
+def _stderr(msg: str) -> None:
+    print(f"[lorakit experiment] {msg}", file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+@dataclass
+class Arm:
+    """One configuration of an experiment.
+
+    Attributes:
+        label: the row name in the tables (also the run's folder name, slugged).
+        changes: recipe changes applied on top of the experiment's base recipe and the
+            user's overrides (`lora` entries are merged key by key).
+        full_finetune: train every parameter of the model instead of injecting LoRA.
+        loraplus_ratio: LoRA+ (`lorakit.loraplus_param_groups`): B's learning rate is
+            `ratio` times the recipe's `lr` (A's).
+        keep_model: keep the trained model on the result (`RunResult.model`).
+    """
+
+    label: str
+    changes: dict[str, Any] = field(default_factory=dict)
+    full_finetune: bool = False
+    loraplus_ratio: float | None = None
+    keep_model: bool = False
+
+
+@dataclass
+class RunResult:
+    """What one arm gave. Times in seconds, memory in bytes, accuracy as a fraction."""
+
+    label: str
+    method: str  # "lora", "lora+", "full"
+    recipe: dict[str, Any]
+    metrics: dict[str, Any] | None = None  # the task's test metrics (accuracy, loss, n, ...)
+    correct: list[bool] | None = None  # per test example, in split order
+    trainable: int = 0
+    total: int = 0
+    steps: int = 0
+    train_seconds: float = 0.0  # the optimisation loop only
+    inject_seconds: float = 0.0  # inject (PiSSA: the SVDs) or making every parameter trainable
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    optimizer_state_bytes: int = 0
+    peak_memory_bytes: int = 0
+    losses: list[float] = field(default_factory=list)
+    load_average: dict[str, Any] = field(default_factory=dict)
+    adapter_dir: str | None = None
+    error: str | None = None
+    model: Any = None  # the trained model when the arm asked to keep it (not serialised)
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.metrics is None else self.metrics.get("accuracy")
+
+    @property
+    def step_seconds(self) -> float | None:
+        return self.train_seconds / self.steps if self.steps and not self.error else None
+
+    def to_dict(self, with_correct: bool = True) -> dict[str, Any]:
+        lora = self.recipe.get("lora", {})
+        out = {
+            "label": self.label, "method": self.method, "error": self.error,
+            "lora": None if self.method == "full" else lora, "lr": self.recipe.get("lr"), "steps": self.steps,
+            "batch_size": self.recipe.get("batch_size"), "seed": self.recipe.get("seed"),
+            "test": self.metrics, "trainable": self.trainable, "total": self.total,
+            "trainable_percent": 100 * self.trainable / self.total if self.total else None,
+            "train_seconds": self.train_seconds, "step_seconds": self.step_seconds, "inject_seconds": self.inject_seconds,
+            "eval_seconds": self.eval_seconds, "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second, "optimizer_state_bytes": self.optimizer_state_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes, "load_average": self.load_average,
+            "first_loss": self.losses[0] if self.losses else None, "last_loss": self.losses[-1] if self.losses else None,
+            "losses": self.losses, "adapter_dir": self.adapter_dir,
+        }
+        if with_correct and self.correct is not None:
+            out["correct"] = "".join("1" if c else "0" for c in self.correct)
+        return out
+
+
+class Session:
+    """Prepared models, zero-shot scores and trained arms for one experiment run.
+
+    Args:
+        overrides: recipe changes from the command line (applied to every base recipe, before
+            each arm's own changes).
+        work: folder for the arms' adapters and the full analysis outputs.
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None, work: str | Path = "runs/experiments",
+                 log: Callable[[str], None] = _stderr):
+        self.overrides = dict(overrides or {})
+        self.work = Path(work)
+        self.log = log
+        self._prepared: dict[str, Any] = {}
+        self._zero_shot: dict[str, tuple[dict, list[bool], float]] = {}
+
+    # ------------------------------------------------------------------ recipes
+    def recipe(self, base: str, changes: dict[str, Any] | None = None):
+        """`base` (a preset or recipe file) < the session's overrides < `changes`."""
+        from ..train.recipe import apply, load_recipe
+
+        return apply(load_recipe(base, self.overrides), changes or {})
+
+    def _key(self, recipe) -> str:
+        d = recipe.to_dict()
+        return json.dumps({k: d[k] for k in PREPARED_FIELDS}, sort_keys=True, default=str)
+
+    def prepared(self, recipe):
+        """The `Prepared` model, tokenizer, task and split for `recipe` (shared by equal keys)."""
+        from ..train.job import Prepared
+
+        key = self._key(recipe)
+        if key not in self._prepared:
+            self._prepared[key] = Prepared(recipe, self.log)
+        return self._prepared[key]
+
+    def zero_shot(self, recipe) -> tuple[dict[str, Any], list[bool], float]:
+        """`(test metrics, per-example correctness, seconds)` of the untouched base model."""
+        key = self._key(recipe)
+        if key not in self._zero_shot:
+            prep = self.prepared(recipe)
+            test = prep.splits.test
+            self.log(f"zero-shot: evaluating the base model on {len(test)} held-out test examples")
+            t = time.perf_counter()
+            metrics, preds = prep.evaluate(prep.model, test)
+            seconds = time.perf_counter() - t
+            self._zero_shot[key] = (metrics, _correct(preds, test), seconds)
+            self.log(f"zero-shot: {_summary(metrics)} ({seconds:.0f} s)")
+        return self._zero_shot[key]
+
+    # ------------------------------------------------------------------ one arm
+    def run(self, base: str, arm: Arm, folder: str | Path) -> RunResult:
+        """Train and evaluate `arm` on top of recipe `base`; adapters are saved to `folder/<label>/adapter`.
+
+        A run that fails in training (a NaN loss, say) is recorded with `error` set rather than
+        stopping the experiment; bad input (an unknown target module, ...) raises.
+        """
+        import lorakit as lk
+
+        from ..train import data as data_mod
+        from ..train.loop import LoopConfig, train
+
+        recipe = self.recipe(base, arm.changes)
+        prep = self.prepared(recipe)
+        method = "full" if arm.full_finetune else ("lora+" if arm.loraplus_ratio else "lora")
+        res = RunResult(arm.label, method, recipe.to_dict(), steps=recipe.steps)
+        res.load_average["start"] = load_average()
+        t_wall = time.perf_counter()
+        self.log(f"--- {arm.label}: {method}, {recipe.steps} steps x {recipe.batch_size}, lr {recipe.lr:g}"
+                 + ("" if arm.full_finetune else f", LoRA {_lora_text(recipe.lora)}"))
+
+        model = prep.fresh_model()
+        t = time.perf_counter()
+        if arm.full_finetune:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            config = recipe.lora_config().replace(
+                base_model_name_or_path=prep.source.name,
+                task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
+            )
+            torch.manual_seed(recipe.seed)  # as lorakit train: the LoRA init depends on it
+            lk.inject(model, config)
+        res.inject_seconds = time.perf_counter() - t
+        res.trainable, res.total = lk.count_parameters(model)
+        self.log(f"{res.trainable:,} trainable of {res.total:,} parameters ({100 * res.trainable / res.total:.3f}%)")
+
+        batch_iter = (prep.task.batch(ex, prep.device)
+                      for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
+        loop_cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                              warmup_steps=recipe.warmup_steps, schedule=recipe.schedule, grad_clip=recipe.grad_clip,
+                              grad_accum=recipe.grad_accum, eval_every=0, log_every=max(1, min(10, recipe.steps // 4)))
+        torch.manual_seed(recipe.seed)
+        try:
+            if arm.loraplus_ratio:
+                groups = lk.loraplus_param_groups(model, lr=recipe.lr, ratio=arm.loraplus_ratio, weight_decay=recipe.weight_decay)
+                result = train_param_groups(model, prep.task.loss, batch_iter, loop_cfg, groups,
+                                            device=prep.device, dtype=prep.dtype, log=self.log)
+            else:
+                result = train(model, prep.task.loss, batch_iter, loop_cfg, device=prep.device, dtype=prep.dtype,
+                               evaluate=None, log=self.log)
+        except ValueError as exc:  # the loop's NaN/inf guard
+            res.error = str(exc)
+            res.wall_seconds = time.perf_counter() - t_wall
+            res.load_average["end"] = load_average()
+            self.log(f"{arm.label}: training failed: {exc}")
+            return res
+        res.train_seconds = result.train_seconds
+        res.tokens_per_second = result.tokens_per_second
+        res.optimizer_state_bytes = result.optimizer_state_bytes
+        res.peak_memory_bytes = result.peak_memory_bytes
+        res.losses = [h["loss"] for h in result.history]
+
+        t = time.perf_counter()
+        test = prep.splits.test
+        res.metrics, preds = prep.evaluate(model, test)
+        res.correct = _correct(preds, test)
+        res.eval_seconds = time.perf_counter() - t
+        if not arm.full_finetune:
+            adapter_dir = Path(folder) / _slug(arm.label) / "adapter"
+            lk.save_adapter(model, adapter_dir)
+            res.adapter_dir = str(adapter_dir)
+        if arm.keep_model:
+            res.model = model
+        res.wall_seconds = time.perf_counter() - t_wall
+        res.load_average["end"] = load_average()
+        self.log(f"{arm.label}: {_summary(res.metrics)}; train {res.train_seconds:.0f} s "
+                 f"({res.step_seconds:.2f} s/step), run {res.wall_seconds:.0f} s")
+        return res
+
+
+    # ------------------------------------------------------------------ step times
+    def interleaved_step_times(self, base: str, arms: list[Arm], rounds: int = 3, steps: int = 3) -> dict[str, Any]:
+        """Time optimizer steps of several arms in turn, `rounds` times, so that a change of the
+        machine's load over time hits every arm alike.
+
+        Each round builds every arm afresh (fresh base model, inject, optimizer), runs one untimed
+        warm-up step and `steps` timed steps on the recipe's first batches, arm after arm. Returns
+        `{"rounds", "steps", "arms": {label: {"step_seconds": median over rounds of the mean step
+        time, "relative": median over rounds of (arm / first arm), "per_round": [...]}}}`.
+        """
+        import lorakit as lk
+
+        from ..train import data as data_mod
+        from ..train.loop import LoopConfig
+
+        per_round: dict[str, list[float]] = {a.label: [] for a in arms}
+        for rnd in range(rounds):
+            for arm in arms:
+                recipe = self.recipe(base, arm.changes)
+                prep = self.prepared(recipe)
+                model = prep.fresh_model()
+                if arm.full_finetune:
+                    for p in model.parameters():
+                        p.requires_grad_(True)
+                else:
+                    torch.manual_seed(recipe.seed)
+                    lk.inject(model, recipe.lora_config())
+                params = [p for p in model.parameters() if p.requires_grad]
+                groups = (lk.loraplus_param_groups(model, lr=recipe.lr, ratio=arm.loraplus_ratio, weight_decay=recipe.weight_decay)
+                          if arm.loraplus_ratio else [{"params": params}])
+                batch_iter = (prep.task.batch(ex, prep.device)
+                              for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
+                cfg = LoopConfig(steps=steps + 1, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                                 schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum,
+                                 log_every=10**9)
+                torch.manual_seed(recipe.seed)
+                result = train_param_groups(model, prep.task.loss, batch_iter, cfg, groups, device=prep.device,
+                                            dtype=prep.dtype, log=lambda m: None)
+                per_round[arm.label].append(sum(h["seconds"] for h in result.history[1:]) / steps)
+                del model, result
+            self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s/step" for k, v in per_round.items()))
+        first = arms[0].label
+        out = {}
+        for label, times in per_round.items():
+            ratios = [t / f for t, f in zip(times, per_round[first])]
+            out[label] = {"step_seconds": statistics.median(times), "relative": statistics.median(ratios), "per_round": times}
+        return {"rounds": rounds, "steps": steps, "arms": out}
+
+
+# ---------------------------------------------------------------------- LoRA+ loop
+def train_param_groups(model, loss_fn, batches, config, groups: list[dict], *, device, dtype=None, log=print):
+    """`lorakit.train.loop.train` with the optimiser built from parameter `groups` (LoRA+).
+
+    The same steps as `train` (AdamW, the same warmup/decay multiplier applied to every group's
+    learning rate, accumulation, global-norm clipping over the trainable parameters in
+    `model.parameters()` order, the same records), without evaluations. With one group holding
+    every trainable parameter at `config.lr` it reproduces `train` (tests/test_experiments.py).
+
+    Returns:
+        A `lorakit.train.loop.LoopResult`; `history[i]["lr"]` is the first group's learning rate,
+        `history[i]["seconds"]` the step's wall time.
+    Raises:
+        ValueError: the loss became NaN/inf.
+    """
+    from ..train.loop import LoopResult, lr_lambda, optimizer_state_bytes, peak_memory_bytes
+    from ..train.tasks import autocast
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
+    result = LoopResult()
+    model.train()
+    for step in range(1, config.steps + 1):
+        t = time.perf_counter()
+        total_loss, tokens = 0.0, 0
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            with autocast(device, dtype):
+                loss, n = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower the learning rate (lr={config.lr})")
+            (loss / config.grad_accum).backward()
+            total_loss += loss.item() / config.grad_accum
+            tokens += n
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.train_seconds += time.perf_counter() - t
+        result.tokens += tokens
+        result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                               "seconds": time.perf_counter() - t})
+        if step == 1:
+            result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+        if step % config.log_every == 0 or step == 1 or step == config.steps:
+            log(f"step {step}/{config.steps}  loss {total_loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}  "
+                f"{result.tokens_per_second:.0f} tok/s")
+    model.eval()
+    result.peak_memory_bytes = peak_memory_bytes(device)
+    return result
+
+
+# ---------------------------------------------------------------------- statistics
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy `p` measured on `n` examples: `sqrt(p (1 - p) / n)`."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def paired(reference: list[bool], other: list[bool]) -> dict[str, Any]:
+    """Paired comparison of two classifiers on the same test examples (exact McNemar test).
+
+    Returns `{"only_reference": b, "only_other": c, "delta_points": 100 (c - b) / n,
+    "p_value": two-sided exact binomial p of b vs c}`: b examples only the reference gets
+    right, c only the other.
+    """
+    if len(reference) != len(other):
+        raise ValueError("paired comparison needs the same test examples")
+    b = sum(r and not o for r, o in zip(reference, other))
+    c = sum(o and not r for r, o in zip(reference, other))
+    n = b + c
+    if n == 0:
+        p = 1.0
+    else:
+        k = min(b, c)
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"only_reference": b, "only_other": c, "delta_points": 100 * (c - b) / len(reference) if reference else 0.0,
+            "p_value": p}
+
+
+# ---------------------------------------------------------------------- helpers
+def _correct(preds: list, examples: list[dict]) -> list[bool]:
+    return [p == e["label"] for p, e in zip(preds, examples)]
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("accuracy", "loss") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" (n={metrics['n']})"
+
+
+def _lora_text(lora: dict[str, Any]) -> str:
+    parts = [f"r={lora.get('r')}", f"alpha={lora.get('alpha')}", f"targets={lora.get('target_modules')}"]
+    for key in ("rank_pattern", "use_rslora", "use_dora", "init"):
+        if lora.get(key):
+            parts.append(f"{key}={lora[key]}")
+    return " ".join(parts)
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("_") or "run"
