@@ -206,19 +206,93 @@ def resolve_recipe(args: argparse.Namespace):
 # ---------------------------------------------------------------------- train
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
+    g = p.add_argument_group("checkpoints and processes")
+    g.add_argument("--save-every", dest="field_save_every", type=int, default=None, metavar="STEPS",
+                   help="checkpoint every N steps and at the end (default: every 10%% of the steps; 0: none)")
+    g.add_argument("--resume", metavar="OUT", help="continue the run in folder OUT from its latest checkpoint (its recipe is "
+                   "recorded there; only --steps, --eval-every, --eval-batch-size, --threads, --save-every, --parallel may change)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop after this step with a checkpoint (continue later with --resume)")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine (torchrun); batch_size is per process")
+    g.add_argument("--parallel", dest="field_parallel", default=None, metavar="MODE",
+                   help="with several processes: ddp (default) | fsdp2 (shard the frozen base)")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
 
 
+def _train_recipe(args: argparse.Namespace):
+    """The recipe of `lorakit train`: resolved from the flags, or for `--resume` the recorded one."""
+    if not args.resume:
+        return resolve_recipe(args)
+    from .train.checkpoint import resume_recipe
+
+    asked = resolve_recipe(args) if _recipe_source(args) else None
+    recipe, _ = resume_recipe(args.resume, asked, recipe_overrides(args))
+    return recipe
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            out.append(item)
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
-    recipe = resolve_recipe(args)
+    from .train.distributed import world_from_env
+    from .train.errors import RecipeError
+
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise RecipeError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise RecipeError(f"--stop-after must be a step >= 1, got {args.stop_after}")
+    recipe = _train_recipe(args)
     if args.print_recipe:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
+    world = world_from_env()
+    if world is None and (args.nproc_per_node or 1) > 1:
+        return _train_multiprocess(args, recipe)
     from .train import run_train
 
-    report = run_train(recipe)
+    try:
+        report = run_train(recipe, resume=args.resume, stop_after=args.stop_after)
+    except Exception as exc:
+        if world is None or getattr(args, "debug", False):
+            raise
+        raise RuntimeError(f"rank {world.rank}/{world.world_size}: {_one_line(exc)}") from None
+    if report is None:  # ranks other than 0 of a multi-process run
+        return 0
+    if "stopped_at" in report:
+        print(f"stopped after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
+              f"lorakit train --resume {report['out']}")
+        return 0
+    _print_train_summary(report, recipe)
+    return 0
+
+
+def _train_multiprocess(args: argparse.Namespace, recipe) -> int:
+    """`lorakit train --nproc-per-node N`: check the inputs here (one line and exit code 2 for bad
+    input, before any process starts), then run torchrun with N processes on this machine."""
+    from .train.distributed import launch
+    from .train.job import preflight
+
+    preflight(recipe, resume=args.resume, world_size=args.nproc_per_node)
+    argv = _without_nproc(getattr(args, "_argv", None) or sys.argv[1:])
+    code = launch(args.nproc_per_node, argv, threads=recipe.threads)
+    if code != 0:
+        raise RuntimeError(f"the {args.nproc_per_node} training processes failed (torchrun exit code {code}); their messages are above")
+    return 0  # rank 0 printed the summary
+
+
+def _print_train_summary(report: dict, recipe) -> None:
     test = report["test"]
     if "accuracy" in test["after"]:
         print(f"test accuracy: {test['before']['accuracy']:.4f} (base) -> {test['after']['accuracy']:.4f} (LoRA) "
@@ -229,7 +303,6 @@ def _train(args: argparse.Namespace) -> int:
               f"{test['before']['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "
               f"{report['lora']['trainable_percent']:.3f}% of parameters")
     print(f"report: {recipe.out_dir / 'report.md'}")
-    return 0
 
 
 # ---------------------------------------------------------------------- eval
@@ -417,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     from_shell = argv is None
     args = parser.parse_args(argv)
+    args._argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc-per-node` passes them on
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_BAD_INPUT

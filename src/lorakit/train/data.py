@@ -276,11 +276,31 @@ def fingerprint(examples: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def batches(examples: list, batch_size: int, seed: int):
-    """An endless stream of training batches: a fresh seeded shuffle each epoch."""
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields per pass over `n` examples (a short last batch is dropped)."""
+    return len(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size))
+
+
+def batches(examples: list, batch_size: int, seed: int, start: int = 0):
+    """An endless stream of training batches: a fresh seeded shuffle each epoch.
+
+    Each epoch shuffles the indices with one `random.Random(seed)` stream and yields
+    `batches_per_epoch(len(examples), batch_size)` lists of `batch_size` examples (the
+    short last batch is dropped; with fewer examples than `batch_size`, each epoch is one
+    short batch). `start` skips that many batches first (a resumed run continues exactly
+    where the interrupted one stopped; the skipped epochs only replay the shuffles).
+    """
     rng = random.Random(seed)
+    n = len(examples)
+    per_epoch = batches_per_epoch(n, batch_size)
+    skip_epochs, skip = divmod(start, per_epoch)
+    for _ in range(skip_epochs):
+        rng.shuffle(list(range(n)))
     while True:
-        order = list(range(len(examples)))
+        order = list(range(n))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            if skip:
+                skip -= 1
+                continue
             yield [examples[j] for j in order[i:i + batch_size]]

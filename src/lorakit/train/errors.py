@@ -16,3 +16,11 @@ class DataError(LoraError, ValueError):
 
 class ModelLoadError(LoraError, ValueError):
     """A model name or path that is neither a built-in model nor a loadable model folder or GGUF file."""
+
+
+class CheckpointError(LoraError, ValueError):
+    """`--resume` found no checkpoint, a corrupt or truncated one, or one that does not fit the run."""
+
+
+class TrainingDiverged(LoraError, ValueError):
+    """The loss, the gradients or the trainable tensors became NaN or infinite; the message names the step."""

@@ -7,6 +7,10 @@ Output folder layout (`recipe.out_dir`):
     adapter/adapter_config.json, adapter/adapter_model.safetensors   PEFT layout (lorakit.save_adapter)
     adapter/lorakit_train.json   resolved recipe, model, split fingerprint, recorded test metrics
     report.json, report.md, loss.png
+    checkpoints/latest, checkpoints/step-NNNNNN/   resumable state (see `checkpoint`)
+
+`run_train(recipe, resume=OUT)` continues a run from its latest checkpoint; under torchrun
+with several processes it trains data-parallel (see `distributed`), rank 0 writing everything.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ def _stderr(msg: str) -> None:
 class Prepared:
     """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
 
-    def __init__(self, recipe: Recipe, log: Callable[[str], None] = _stderr):
+    def __init__(self, recipe: Recipe, log: Callable[[str], None] = _stderr, *, threads: int | None = None,
+                 device: tuple[torch.device, torch.dtype | None] | None = None):
         self.recipe = recipe
-        self.threads = set_threads(recipe.threads)
-        self.device, self.dtype = resolve_device(recipe.device, recipe.precision)
+        self.threads = set_threads(threads if threads is not None else recipe.threads)
+        self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
         self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
         self.dataset = data_mod.load_dataset(recipe)
         if self.dataset.skipped:
@@ -127,52 +132,232 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr, *, resume: str | Path | None = None,
+              stop_after: int | None = None) -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
+    Args:
+        resume: a run folder (or one of its checkpoint folders) to continue from: the adapter,
+            AdamW and scheduler state, RNG states, data position, history and zero-shot metrics
+            come from the checkpoint; `recipe` must agree with the recorded one except for
+            `checkpoint.RESUME_MAY_CHANGE` (use `checkpoint.resume_recipe` to build it).
+        stop_after: stop after this step, with a checkpoint (continue with `resume`).
     Returns:
-        The report (also written as `report.json`).
+        The report (also written as `report.json`); `{"stopped_at", "checkpoint", "out"}` when
+        `stop_after` stopped the run; None on ranks other than 0 of a multi-process run.
     Raises:
-        RecipeError, DataError, ModelLoadError, lorakit.LoraError: bad input, before training starts.
+        RecipeError, DataError, ModelLoadError, CheckpointError, lorakit.LoraError: bad input,
+            before training starts (nothing in the output folder is touched).
+        TrainingDiverged: the loss, the gradients or the adapter became NaN/inf (step named; the
+            last good checkpoint is kept and named).
     """
-    import lorakit as lk
+    from . import distributed as dist_mod
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise RecipeError(f"stop_after must be a step >= 1, got {stop_after!r}")
+    world = dist_mod.world_from_env()
+    ckpt, changed, shards = _checks(recipe, resume, world.world_size if world else 1)
+    device = resolve_device(recipe.device, recipe.precision)
+    dist = None
+    if world is not None:
+        dist = dist_mod.Distributed(world, recipe.parallel, device[0])
+        device = (dist.device, device[1])
+        log = _rank_log(log, dist)
+    try:
+        return _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, shards,
+                          dist_mod.threads_per_process(recipe.threads, world.local_world_size) if world else None)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _checks(recipe: Recipe, resume, world_size: int):
+    """The checks before anything loads: `(checkpoint or None, fields changed on resume, data shards)`."""
+    from . import distributed as dist_mod
+    from .checkpoint import check_resume_recipe, read_checkpoint
+    from .errors import CheckpointError
+
     out = recipe.out_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output path {out} exists and is not a folder")
-    prep = Prepared(recipe, log)
+    ckpt = None
+    changed: list[str] = []
+    if resume is not None:
+        ckpt = read_checkpoint(resume)
+        if ckpt.run_folder.resolve() != out.resolve():
+            raise CheckpointError(f"--resume {resume} belongs to {ckpt.run_folder}, but the recipe writes to {out}")
+        changed = check_resume_recipe(ckpt.recipe, recipe, ckpt.step, ckpt.folder)
+    shards = ckpt.shards if ckpt else world_size
+    if shards % world_size:
+        raise CheckpointError(f"--resume: the checkpoint's global batch is split into {shards} shards (it was trained by {shards} "
+                              f"processes); {world_size} processes cannot share them evenly (use a number that divides {shards})")
+    dist_mod.check_supported(recipe, world_size)
+    return ckpt, changed, shards
+
+
+def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: int = 1) -> None:
+    """What `run_train` checks before the model loads, for a launcher to run before it starts
+    processes: output folder, checkpoint and recipe agreement, supported combination, device,
+    model name or path, data file and fields. Raises the same errors as `run_train`."""
+    _checks(recipe, resume, world_size)
+    resolve_device(recipe.device, recipe.precision)
+    resolve_model(recipe.model)
+    data_mod.load_dataset(recipe)
+
+
+def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:
+    """Rank 0 speaks, naming itself; the other ranks stay quiet (their errors name their rank)."""
+    def ranked(message: str) -> None:
+        if dist.is_main:
+            log(dist.tag(message))
+    return ranked
+
+
+def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, shards, threads):
+    """`run_train` after the checks: `ckpt` a read `Checkpoint` or None, `dist` a `Distributed` or None."""
+    import lorakit as lk
+
+    from . import distributed as dist_mod
+    from .checkpoint import CheckpointWriter, capture_rng, earlier_checkpoint
+    from .errors import CheckpointError, TrainingDiverged
+
+    out = recipe.out_dir
+    is_main = dist is None or dist.is_main
+    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+    timings: dict[str, float] = {}
+    prep = Prepared(recipe, log, threads=threads, device=device)
     timings["load_seconds"] = time.perf_counter() - t_start
     task, model, test = prep.task, prep.model, prep.splits.test
-
-    t = time.perf_counter()
-    log(f"evaluating the base model on {len(test)} held-out test examples")
-    before, _ = prep.evaluate(model, test)
-    samples = _samples(prep, model, "before") if recipe.task == "instruct" else []
-    timings["eval_before_seconds"] = time.perf_counter() - t
-    log("before: " + _summary(before))
+    train_fingerprint = data_mod.fingerprint(prep.splits.train)
+    global_micro = recipe.batch_size * shards  # examples per micro-batch over all processes
+    if shards > 1 and len(prep.splits.train) < global_micro:
+        raise RecipeError(f"the training split has {len(prep.splits.train)} examples, fewer than one global micro-batch "
+                          f"(batch_size {recipe.batch_size} x {shards} processes)")
+    if ckpt is not None:
+        if ckpt.state["data"].get("train_fingerprint") != train_fingerprint:
+            raise CheckpointError(f"--resume: the training split differs from the one checkpoint {ckpt.folder} was trained on "
+                                  "(the data file or the split fields changed)")
+        job_state = ckpt.state.get("job", {})
+        before, samples = job_state.get("before"), job_state.get("samples", [])
+        log(f"resuming from {ckpt.folder} (step {ckpt.step} of {recipe.steps})"
+            + (f"; changed: {', '.join(f'{k}' for k in changed)}" if changed else ""))
+        if shards != world_size:
+            log(f"the checkpoint was trained by {shards} processes: each process here takes {shards // world_size} of the "
+                f"{shards} slices of every global micro-batch, one after the other (same global batch)")
+    else:
+        if is_main:
+            earlier = earlier_checkpoint(out)
+            if earlier is not None:
+                log(f"{out / 'checkpoints'} holds a checkpoint of an earlier run (step {earlier}); this run replaces it "
+                    f"(lorakit train --resume {out} would have continued it)")
+        before, samples = None, []
+        t = time.perf_counter()
+        if is_main:
+            log(f"evaluating the base model on {len(test)} held-out test examples")
+            before, _ = prep.evaluate(model, test)
+            samples = _samples(prep, model, "before") if recipe.task == "instruct" else []
+            log("before: " + _summary(before))
+        timings["eval_before_seconds"] = time.perf_counter() - t
 
     config = recipe.lora_config().replace(
         base_model_name_or_path=prep.source.name,
         task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
     )
     torch.manual_seed(recipe.seed)
-    lk.inject(model, config)
+    if ckpt is not None:
+        ckpt.load_adapter(model)  # injects the recorded adapter and loads its tensors (trainable)
+    else:
+        lk.inject(model, config)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if ckpt is not None and trainable_names != ckpt.state["trainable"]:
+        mismatch = next((a, b) for a, b in zip(trainable_names + [None], ckpt.state["trainable"] + [None]) if a != b)
+        raise CheckpointError(f"checkpoint {ckpt.folder} does not fit this model: trainable tensor {mismatch[0]!r} here, "
+                              f"{mismatch[1]!r} in the checkpoint")
     trainable, total = lk.count_parameters(model)
     adapted = sum(isinstance(m, lk.LoraLayer) for m in model.modules())
     log(f"LoRA r={config.r} alpha={config.alpha} on {adapted} modules: {trainable:,} trainable of {total:,} "
         f"parameters ({100 * trainable / total:.3f}%)")
+    if dist is not None:
+        log(f"{world_size} processes ({dist.backend}, {recipe.parallel}); global batch {global_micro * recipe.grad_accum} "
+            f"examples per step ({recipe.batch_size} per process x {recipe.grad_accum} micro-batches x {world_size})")
+    forward_model = dist.wrap(model) if dist is not None else model
 
-    batch_iter = (task.batch(ex, prep.device) for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
+    # the data: global micro-batches of batch_size x shards; this process takes its shards of each
+    per_rank = shards // world_size
+    consumed = ckpt.step * recipe.grad_accum if ckpt is not None else 0
+    b = recipe.batch_size
+
+    def local_batches():
+        for micro in data_mod.batches(prep.splits.train, global_micro, recipe.seed, start=consumed):
+            for j in range(rank * per_rank, (rank + 1) * per_rank):
+                yield task.batch(micro[j * b:(j + 1) * b], prep.device)
+
     loop_cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
-                          schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum,
-                          eval_every=recipe.eval_every, log_every=max(1, min(10, recipe.steps // 8)))
-    torch.manual_seed(recipe.seed)
+                          schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum * per_rank,
+                          eval_every=recipe.eval_every, log_every=max(1, min(10, recipe.steps // 8)),
+                          save_every=recipe.checkpoint_every, stop_after=stop_after)
+    writer = CheckpointWriter(out, resumed_from=ckpt.folder if ckpt is not None else None)
+
+    def save_checkpoint(step, optimizer, scheduler, result):
+        rng = dist.gather(capture_rng()) if dist is not None else [capture_rng()]
+        if not is_main:  # rank 0 writes it; the others remember its name for their messages
+            writer.note(step)
+            return
+        writer.save(step, model=model, optimizer=optimizer, scheduler=scheduler, result=result, trainable=trainable_names,
+                    recipe=recipe.to_dict(), world_size=world_size, rng=rng,
+                    data={"global_micro_batch": global_micro, "shards": shards, "micro_batches_consumed": step * recipe.grad_accum,
+                          "seed": recipe.seed, "train_fingerprint": train_fingerprint},
+                    job={"before": before, "samples": samples})
+
+    wants_checkpoints = recipe.checkpoint_every > 0 or stop_after is not None
+    if ckpt is not None:
+        ckpt.restore_rng(rank, world_size)
+    else:
+        torch.manual_seed(recipe.seed)
     t = time.perf_counter()
-    result = train(model, task.loss, batch_iter, loop_cfg, device=prep.device, dtype=prep.dtype,
-                   evaluate=lambda: prep.evaluate(model, prep.splits.val)[0], log=log)
+    try:
+        result = train(forward_model, task.loss, local_batches(), loop_cfg, device=prep.device, dtype=prep.dtype,
+                       evaluate=lambda: prep.evaluate(model, prep.splits.val)[0], log=log,
+                       resume=ckpt.loop_state() if ckpt is not None else None,
+                       checkpoint=save_checkpoint if wants_checkpoints else None, sync=dist)
+    except TrainingDiverged as exc:
+        kept = writer.latest
+        where = (f"the last good checkpoint is {kept} (step {int(kept.name.split('-')[1])})" if kept is not None
+                 else "no checkpoint was written")
+        raise TrainingDiverged(f"training stopped: {exc}; {where}") from None
     timings["train_seconds"] = time.perf_counter() - t
+
+    distributed = None
+    if dist is not None:
+        hashes = dist.gather(dist_mod.trainable_sha256(model))
+        distributed = {**dist.stats(), "steps_this_run": result.last_step - result.start_step,
+                       "ranks_identical": len(set(hashes)) == 1, "adapter_sha256_per_rank": hashes}
+        if is_main:
+            r = distributed["gradient_allreduce"]
+            log(f"gradient all-reduce: {r['calls']} calls, {r['tensors']} tensors, {r['numel']:,} elements over "
+                f"{distributed['steps_this_run']} steps ({distributed['trainable_numel']:,} trainable elements); "
+                f"ranks identical: {distributed['ranks_identical']}")
+        if not distributed["ranks_identical"]:
+            raise RuntimeError(f"the ranks' adapters differ after training (sha256 {', '.join(h[:12] for h in hashes)})")
+        if not is_main:
+            return None
+    if result.last_step < recipe.steps:
+        log(f"stopped after step {result.last_step} of {recipe.steps}; checkpoint {writer.latest}; continue with: "
+            f"lorakit train --resume {out}")
+        return {"stopped_at": result.last_step, "checkpoint": str(writer.latest), "out": str(out)}
+
+    adapter_dir = out / "adapter"
+    if dist is not None and recipe.parallel == "fsdp2":  # the sharded model needs every rank: go on with a whole one
+        lk.save_adapter(model, adapter_dir)
+        del forward_model, model, prep.model
+        dist.close()
+        model = prep.model = prep.fresh_model()
+        lk.load_adapter(model, adapter_dir)
+        model.eval()
+    elif dist is not None:
+        del forward_model
+        dist.close()
 
     t = time.perf_counter()
     after, preds = prep.evaluate(model, test)
@@ -181,7 +366,6 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
     timings["eval_after_seconds"] = time.perf_counter() - t
     log("after: " + _summary(after))
 
-    adapter_dir = out / "adapter"
     lk.save_adapter(model, adapter_dir)
     info = {"lorakit_version": __version__, "recipe": recipe.to_dict(), "model": prep.model_info(),
             "data": prep.split_info(), "task": task.describe(), "test_metrics": after,
@@ -231,7 +415,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
         "lora": {"config": config.to_peft_dict(), "targets": config.target_modules, "adapted_modules": adapted,
                  "trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
         "training": {
-            "steps": recipe.steps, "examples_seen": recipe.steps * recipe.batch_size * recipe.grad_accum,
+            "steps": recipe.steps, "examples_seen": recipe.steps * global_micro * recipe.grad_accum,
+            "global_batch": global_micro * recipe.grad_accum, "processes": world_size,
             "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
             "val_loss_before": evals[0].get("loss"), "val_loss_after": evals[-1].get("loss"),
             "tokens": result.tokens, "train_seconds": result.train_seconds, "eval_seconds_during_training": result.eval_seconds,
@@ -239,6 +424,9 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
             "optimizer_state_bytes": result.optimizer_state_bytes, "peak_memory_bytes": result.peak_memory_bytes,
             "history": result.history, "evals": evals,
         },
+        "checkpoints": {"every": recipe.checkpoint_every, "latest": str(writer.latest) if writer.latest else None,
+                        "resumed_from": str(ckpt.folder) if ckpt is not None else None,
+                        "resumed_at_step": ckpt.step if ckpt is not None else None, "changed_on_resume": changed},
         "checks": {
             "merged_vs_unmerged_max_abs_diff": _max_diff(merged_logits, unmerged_logits),
             "merged_predictions_equal": diffs == 0, "merged_prediction_differences": diffs, "merged_compared": compared,
@@ -251,6 +439,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr) -> dict[str,
         "timings": timings,
         "environment": prep.environment(),
     }
+    if distributed is not None:
+        report["distributed"] = distributed
     if "accuracy" in before:
         report["gain_points"] = 100 * (after["accuracy"] - before["accuracy"])
     if samples:

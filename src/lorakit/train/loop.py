@@ -4,10 +4,21 @@ Progress goes to a tqdm bar when stderr is a terminal (`disable=None`), else to
 plain log lines every `log_every` steps. Measures tokens/s (input tokens,
 padding excluded, over training time without evaluations), AdamW state bytes
 and peak memory (CUDA allocator peak on a GPU, the process's peak RSS on the CPU).
+
+The loop can start from a checkpoint (`LoopState`: step, optimizer and scheduler state,
+history), hands its state to a `checkpoint` callback every `save_every` steps and after
+the last one, and stops with `TrainingDiverged` when the loss or the gradient norm is NaN
+or infinite (before the optimizer step, so no bad state is ever checkpointed). With several
+processes a `sync` object (`lorakit.train.distributed.Distributed`) skips gradient
+synchronisation on all but the last micro-batch, reduces the gradients where the wrapper
+does not, and sums the per-step statistics; without one the loop is the single-process
+loop, with the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import resource
 import sys
@@ -17,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .errors import TrainingDiverged
 from .tasks import autocast
 
 
@@ -33,6 +45,8 @@ class LoopConfig:
     grad_accum: int = 1
     eval_every: int = 0
     log_every: int = 5
+    save_every: int = 0  # call `checkpoint` every N steps and after the last step (0: never)
+    stop_after: int | None = None  # stop after this step (with a checkpoint when `checkpoint` is given)
 
 
 @dataclass
@@ -46,6 +60,8 @@ class LoopResult:
     tokens: int = 0
     optimizer_state_bytes: int = 0
     peak_memory_bytes: int = 0
+    start_step: int = 0  # the step this process started from (0, or a checkpoint's step)
+    last_step: int = 0  # the last step done (config.steps, or stop_after)
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,6 +96,41 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+@dataclass
+class LoopState:
+    """Where a resumed loop starts: the checkpoint's step, `optimizer.state_dict()` and
+    `scheduler.state_dict()` as saved, and the result so far (history, evaluations, counters)."""
+
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    result: LoopResult
+
+
+class _Local:
+    """The single-process `sync`: nothing to synchronise."""
+
+    world_size = 1
+    rank = 0
+    is_main = True
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def reduce_gradients(self, params) -> None:
+        pass
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig):
+    """`(AdamW, LambdaLR)` for `params` as the loop builds them."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
+    return optimizer, scheduler
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -97,25 +148,47 @@ def train(
     dtype: torch.dtype | None = None,
     evaluate: Callable[[], dict[str, Any]] | None = None,
     log: Callable[[str], None] = print,
+    resume: LoopState | None = None,
+    checkpoint: Callable[[int, torch.optim.Optimizer, Any, LoopResult], None] | None = None,
+    sync: Any = None,
 ) -> LoopResult:
     """Optimise the trainable parameters of `model` for `config.steps` steps.
 
     Args:
         loss_fn: `(model, batch) -> (scalar loss, input tokens in the batch)`.
-        batches: yields batches already on `device`; `grad_accum` are used per step.
+        batches: yields batches already on `device`; `grad_accum` are used per step (with a
+            resumed run, the stream must start after the batches the checkpoint consumed).
         evaluate: called before the first step, every `eval_every` steps and after the
-            last; its metrics are recorded in `LoopResult.evals` (with `step`).
+            last; its metrics are recorded in `LoopResult.evals` (with `step`). A resumed
+            run does not repeat the evaluations its checkpoint recorded.
+        resume: start after `resume.step` with its optimizer, scheduler and history.
+        checkpoint: `(step, optimizer, scheduler, result)`, called every `save_every` steps,
+            after the last step and at `stop_after` (after that step's evaluation).
+        sync: the distributed helper (see the module docstring); None for one process.
+    Returns:
+        The `LoopResult`; `last_step` is `config.steps`, or `stop_after` when it stopped early
+        (then the final evaluation is skipped and the model stays in training mode).
     Raises:
-        ValueError: the model has no trainable parameter, or the loss became NaN/inf.
+        ValueError: the model has no trainable parameter.
+        TrainingDiverged: the loss or the gradient norm became NaN or infinite (step named;
+            the optimizer step is not taken).
     """
     from tqdm.auto import tqdm
 
+    sync = sync or _Local()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
+    optimizer, scheduler = make_optimizer(params, config)
     result = LoopResult()
+    first = 1
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        result = copy.deepcopy(resume.result)
+        first = resume.step + 1
+    result.start_step = first - 1
+    last = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
 
     def run_eval(step: int) -> None:
         if evaluate is None:
@@ -128,24 +201,42 @@ def train(
         with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
             log(f"eval @ step {step}: {shown}")
 
-    run_eval(0)
+    if first == 1:
+        run_eval(0)
     model.train()
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=first - 1, desc="train", unit="step", disable=None if sync.is_main else True,
+               file=sys.stderr, dynamic_ncols=True)
     plain = bar.disable
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(first, last + 1):
             t = time.perf_counter()
-            total_loss, tokens = 0.0, 0
-            for _ in range(config.grad_accum):
+            total_loss, tokens, bad_loss = 0.0, 0, None
+            for i in range(config.grad_accum):
                 batch = next(batches)
-                with autocast(device, dtype):
-                    loss, n = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"the loss became {loss.item()} at step {step}; lower the learning rate (lr={config.lr})")
-                (loss / config.grad_accum).backward()
-                total_loss += loss.item() / config.grad_accum
+                # gradients are synchronised across processes on the last micro-batch only
+                with sync.no_sync(model) if i < config.grad_accum - 1 else contextlib.nullcontext():
+                    with autocast(device, dtype):
+                        loss, n = loss_fn(model, batch)
+                    (loss / config.grad_accum).backward()
+                value = loss.item()
+                if bad_loss is None and not math.isfinite(value):
+                    bad_loss = value
+                total_loss += value / config.grad_accum
                 tokens += n
+            sync.reduce_gradients(params)
+            where = ""
+            if sync.world_size > 1:  # the mean loss over processes, the tokens of all, any non-finite loss
+                loss_sum, tokens_sum, bad = sync.sum([total_loss, float(tokens), float(bad_loss is not None)])
+                total_loss, tokens = loss_sum / sync.world_size, int(tokens_sum)
+                where = f" (on rank {sync.rank} of {sync.world_size})"
+                if bad and bad_loss is None:
+                    bad_loss, where = float("nan"), " (on another rank)"
+            if bad_loss is not None:
+                raise TrainingDiverged(f"the loss became {bad_loss}{where} at step {step}; lower the learning rate (lr={config.lr})")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"the gradients became non-finite at step {step} (global norm {float(grad_norm)}); "
+                                       f"lower the learning rate (lr={config.lr})")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -154,19 +245,25 @@ def train(
                 torch.cuda.synchronize(device)
             result.train_seconds += time.perf_counter() - t
             result.tokens += tokens
+            result.last_step = step
             result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens})
-            if step == 1:
+            if step == 1 or not result.optimizer_state_bytes:
                 result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
-            if plain and (step % config.log_every == 0 or step == 1 or step == config.steps):
+            if plain and sync.is_main and (step % config.log_every == 0 or step == 1 or step == config.steps):
                 log(f"step {step}/{config.steps}  loss {total_loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}  "
                     f"{result.tokens_per_second:.0f} tok/s")
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 run_eval(step)
                 model.train()
+            if checkpoint is not None and (step == last or (config.save_every and step % config.save_every == 0)):
+                checkpoint(step, optimizer, scheduler, result)
     finally:
         bar.close()
+    result.last_step = max(result.last_step, first - 1)
+    if last < config.steps:
+        return result
     run_eval(config.steps)
     model.eval()
     result.peak_memory_bytes = peak_memory_bytes(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 QUANTIZE = ("none", "nf4")
+PARALLEL = ("ddp", "fsdp2")
 
 # The default sentiment prompt: an instruction, the review, and "Sentiment:"; the answer is one word.
 SENTIMENT_TEMPLATE = "Review: {text}\nIs this movie review positive or negative?\nSentiment:"
@@ -50,7 +52,8 @@ class Recipe:
         lora: `LoraConfig` arguments (`r`, `alpha`, `dropout`, `target_modules`, `modules_to_save`, ...).
         lr, weight_decay, warmup_steps, schedule, grad_clip: AdamW with warmup then
             cosine / linear decay to 0 (or constant); gradient clipping by global norm (0: off).
-        steps: optimizer steps; batch_size: examples per micro-batch; grad_accum: micro-batches per step.
+        steps: optimizer steps; batch_size: examples per micro-batch (per process: with N processes
+            a step sees `batch_size * grad_accum * N` examples); grad_accum: micro-batches per step.
         max_length: tokens per example (longer prompts lose their start; responses their end).
         eval_every: validation every N steps (0: only at the start and the end).
         eval_batch_size: examples per evaluation batch (recorded: results depend on batching only in
@@ -62,6 +65,15 @@ class Recipe:
             quantized to 4-bit NormalFloat with double quantization after loading and before LoRA is
             injected (`lorakit.quantize`; compute dtype: fp32, or bf16 with `precision: bf16`); the
             report records the base weights' resident bytes and bits per parameter.
+        save_every: write a checkpoint (adapter, optimizer, scheduler, RNG and data position,
+            in `out/checkpoints/`) every N steps and after the last step; `None` (default): every
+            `ceil(steps / 10)` steps; 0: no checkpoints. `lorakit train --resume OUT` continues
+            from the latest one (see docs/training.md).
+        parallel: with several processes (`--nproc-per-node`, `torchrun`): `ddp` (every process
+            holds the whole base model; only the trainable tensors' gradients are all-reduced) or
+            `fsdp2` (`torch.distributed.fsdp.fully_shard`: the frozen base is sharded across the
+            processes; the adapters stay whole on each and their gradients are all-reduced).
+            Ignored by a single process. See docs/distributed.md.
         out: output folder; default `runs/<name>`.
     """
 
@@ -95,6 +107,8 @@ class Recipe:
     precision: str = "auto"
     threads: int | None = None
     quantize: str = "none"
+    save_every: int | None = None
+    parallel: str = "ddp"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -112,12 +126,15 @@ class Recipe:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, QUANTIZE)
+        _choice("parallel", self.parallel, PARALLEL)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size"):
             _int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "seed", "split_seed"):
             _int(name, getattr(self, name), minimum=0)
         if self.threads is not None:
             _int("threads", self.threads, minimum=1)
+        if self.save_every is not None:
+            _int("save_every", self.save_every, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
@@ -161,6 +178,11 @@ class Recipe:
         except ConfigError as exc:
             message = str(exc)[len(exc.field) + 2:]
             raise RecipeError(f"recipe field 'lora.{exc.field}': {message}") from None
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints: `save_every`, or `ceil(steps / 10)` when unset; 0: none."""
+        return self.save_every if self.save_every is not None else max(1, math.ceil(self.steps / 10))
 
     @property
     def out_dir(self) -> Path:

@@ -72,6 +72,8 @@ class Task:
 
 # ---------------------------------------------------------------------- causal LM helpers
 def _supports_logits_to_keep(model) -> bool:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # passes keyword arguments through
+        model = model.module
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
