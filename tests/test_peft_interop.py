@@ -82,3 +82,18 @@ def _randomize_peft(pm, std=0.2, seed=2):
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path):
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    files = []
+    for i in range(6):
+        lk.save_adapter(model, tmp_path / str(i))
+        files.append((tmp_path / str(i) / "adapter_model.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "0" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"

@@ -15,6 +15,8 @@ the config) before the model is touched; pickle files are never opened.
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +117,27 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
     config, fan_in_fan_out, fused = _config_for_file(model, adapter)
     config_json = config.to_json(fan_in_fan_out, fused)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json}))
+    data = safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json})
+    atomic_write_bytes(folder / WEIGHTS_NAME, canonical_safetensors(data))
     atomic_write_text(folder / CONFIG_NAME, config_json)
     return folder
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes `__metadata__` in hash-map order, so saving the same adapter
+    twice could give different bytes; sorting makes equal adapters equal files. The
+    compact JSON has the same length whatever the key order, so the data offsets
+    do not move.
+    """
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    canonical = canonical.ljust(size, b" ")  # the format allows trailing spaces in the header
+    if len(canonical) != size:
+        return data
+    return data[:8] + canonical + data[8 + size :]
 
 
 # ---------------------------------------------------------------------- loading
