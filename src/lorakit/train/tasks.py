@@ -135,6 +135,13 @@ class _CausalTask(Task):
         logits, targets, _ = label_logits(model, batch)
         return F.cross_entropy(logits, targets), int(batch["attention_mask"].sum())
 
+    @torch.no_grad()
+    def probe(self, model, examples, device, dtype=None):  # logits at the supervised positions
+        model.eval()
+        with autocast(device, dtype):
+            logits, _, _ = label_logits(model, self.batch(examples, device))
+        return logits.float().cpu()
+
 
 # ---------------------------------------------------------------------- classify-lm
 class ClassifyLM(_CausalTask):
@@ -223,12 +230,6 @@ class ClassifyLM(_CausalTask):
             metrics[f"predicted_{w}"] = sum(p == i for p in pred_idx) / len(examples)
         return metrics, [self.labels[i] for i in pred_idx]
 
-    @torch.no_grad()
-    def probe(self, model, examples, device, dtype=None):
-        model.eval()
-        with autocast(device, dtype):
-            logits, _, _ = label_logits(model, self.batch(examples, device))
-        return logits.float().cpu()
 
 
 # ---------------------------------------------------------------------- instruct
@@ -293,12 +294,6 @@ class Instruct(_CausalTask):
         loss = float(sums.sum() / counts.sum())
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(counts.sum()), "n": len(examples)}, (sums / counts).tolist()
 
-    @torch.no_grad()
-    def probe(self, model, examples, device, dtype=None):
-        model.eval()
-        with autocast(device, dtype):
-            logits, _, _ = label_logits(model, self.batch(examples, device))
-        return logits.float().cpu()
 
     @torch.no_grad()
     def generate(self, model, prompt: str, device, max_new_tokens: int = 32) -> str:
