@@ -72,7 +72,8 @@ def run_experiment(tmp_path, name, model, *extra):
         assert run["error"] is None
         assert run["test"]["n"] == 32 and 0 <= run["test"]["accuracy"] <= 1 and math.isfinite(run["test"]["loss"])
         assert len(run["losses"]) == 2 and all(math.isfinite(x) for x in run["losses"])
-        assert run["train_seconds"] > 0 and run["optimizer_state_bytes"] == 8 * run["trainable"]
+        assert run["train_seconds"] > 0 and run["train_cpu_seconds"] > 0
+        assert run["optimizer_state_bytes"] == 8 * run["trainable"]
         assert len(run["correct"]) == 32
         acc = run["test"]["accuracy"]
         assert f"{100 * acc:.1f}% ± {100 * standard_error(acc, 32):.1f}" in report
@@ -235,7 +236,8 @@ def test_variants_quick(tmp_path, tiny_llama):
     assert results["relative_train_time"]["LoRA"] == 1.0
     timing = results["timing"]["arms"]
     assert list(timing) == list(runs) and timing["LoRA"]["relative"] == 1.0
-    assert all(t["step_seconds"] > 0 for t in timing.values())
+    assert all(t["step_seconds"] > 0 and t["cpu_step_seconds"] > 0 for t in timing.values())
+    assert timing["LoRA"]["cpu_relative"] == 1.0 and results["relative_train_cpu_time"]["LoRA"] == 1.0
     assert all(v > 0 for v in results["relative_train_time"].values())
     assert "| LoRA+ |" in results["table"] and results["table"] in report
 

@@ -226,8 +226,9 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
         rows.append([run.label, f"{run.recipe['lr']:g}", f"{run.trainable:,} ({pct(run.trainable / run.total, 2) if run.total else 'n/a'})",
                      f"{run.optimizer_state_bytes:,} ({mib(run.optimizer_state_bytes)})" if not run.error else "n/a",
                      num(run.step_seconds) if run.step_seconds else "n/a",
+                     num(run.train_cpu_seconds / run.steps) if run.step_seconds else "n/a",
                      f"{run.tokens_per_second:,.0f}" if not run.error else "n/a", accuracy_cell(run), paired_cell(lora_run, run)])
-    lines.append(md_table(["method", "lr", "trainable parameters", "AdamW state bytes", "s / step", "tokens / s",
+    lines.append(md_table(["method", "lr", "trainable parameters", "AdamW state bytes", "s / step", "CPU s / step", "tokens / s",
                            "test accuracy", "vs LoRA (paired)"], rows))
     full = [x for x in runs if x.method == "full" and not x.error]
     if full and not lora_run.error and lora_run.optimizer_state_bytes:
@@ -235,14 +236,17 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
         lines += ["", f"Full fine-tuning trains {f.trainable / lora_run.trainable:.0f}x the parameters and keeps "
                   f"{f.optimizer_state_bytes / lora_run.optimizer_state_bytes:.0f}x the optimizer state of LoRA "
                   f"(8 bytes per trainable parameter: AdamW's two float32 moments). Step times over the whole runs: "
-                  + ", ".join(f"{x.label} {x.step_seconds / lora_run.step_seconds:.2f}x LoRA" for x in full) + "."]
+                  + ", ".join(f"{x.label} {x.step_seconds / lora_run.step_seconds:.2f}x LoRA in wall time, "
+                              f"{x.train_cpu_seconds / lora_run.train_cpu_seconds:.2f}x in CPU time" for x in full) + "."]
         t = results.get("timing")
         if t:
             a = t["arms"]
             lines += ["", f"Interleaved timing ({t['rounds']} rounds; each round builds LoRA and the full fine-tune afresh "
                       f"and times {t['steps']} steps of each after one warm-up step, so that a change of the machine's load "
-                      f"hits both alike): LoRA {a['LoRA']['step_seconds']:.3f} s/step, full fine-tuning "
-                      f"{a[f.label]['step_seconds']:.3f} s/step, ratio {a[f.label]['relative']:.2f}x (median over rounds)."]
+                      f"hits both alike): LoRA {a['LoRA']['step_seconds']:.3f} s/step ({a['LoRA']['cpu_step_seconds']:.3f} s "
+                      f"CPU time), full fine-tuning {a[f.label]['step_seconds']:.3f} s/step ({a[f.label]['cpu_step_seconds']:.3f} s "
+                      f"CPU time); ratio {a[f.label]['relative']:.2f}x in wall time, {a[f.label]['cpu_relative']:.2f}x in CPU "
+                      "time (medians over rounds)."]
     lines += ["", PAIRED_NOTE, "", f"![accuracy]({images['accuracy']})", "", f"![loss]({images['loss']})", ""]
 
     if results["updates"]:

@@ -75,7 +75,8 @@ class RunResult:
     trainable: int = 0
     total: int = 0
     steps: int = 0
-    train_seconds: float = 0.0  # the optimisation loop only
+    train_seconds: float = 0.0  # the optimisation loop only (wall time)
+    train_cpu_seconds: float = 0.0  # CPU time of this process (all its threads) in the loop
     inject_seconds: float = 0.0  # inject (PiSSA: the SVDs) or making every parameter trainable
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -104,7 +105,7 @@ class RunResult:
             "batch_size": self.recipe.get("batch_size"), "seed": self.recipe.get("seed"),
             "test": self.metrics, "trainable": self.trainable, "total": self.total,
             "trainable_percent": 100 * self.trainable / self.total if self.total else None,
-            "train_seconds": self.train_seconds, "step_seconds": self.step_seconds, "inject_seconds": self.inject_seconds,
+            "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds, "step_seconds": self.step_seconds, "inject_seconds": self.inject_seconds,
             "eval_seconds": self.eval_seconds, "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second, "optimizer_state_bytes": self.optimizer_state_bytes,
             "peak_memory_bytes": self.peak_memory_bytes, "load_average": self.load_average,
@@ -210,6 +211,7 @@ class Session:
                               warmup_steps=recipe.warmup_steps, schedule=recipe.schedule, grad_clip=recipe.grad_clip,
                               grad_accum=recipe.grad_accum, eval_every=0, log_every=max(1, min(10, recipe.steps // 4)))
         torch.manual_seed(recipe.seed)
+        cpu0 = time.process_time()
         try:
             if arm.loraplus_ratio:
                 groups = lk.loraplus_param_groups(model, lr=recipe.lr, ratio=arm.loraplus_ratio, weight_decay=recipe.weight_decay)
@@ -224,6 +226,7 @@ class Session:
             res.load_average["end"] = load_average()
             self.log(f"{arm.label}: training failed: {exc}")
             return res
+        res.train_cpu_seconds = time.process_time() - cpu0
         res.train_seconds = result.train_seconds
         res.tokens_per_second = result.tokens_per_second
         res.optimizer_state_bytes = result.optimizer_state_bytes
@@ -256,7 +259,10 @@ class Session:
         Each round builds every arm afresh (fresh base model, inject, optimizer), runs one untimed
         warm-up step and `steps` timed steps on the recipe's first batches, arm after arm. Returns
         `{"rounds", "steps", "arms": {label: {"step_seconds": median over rounds of the mean step
-        time, "relative": median over rounds of (arm / first arm), "per_round": [...]}}}`.
+        time, "relative": median over rounds of (arm / first arm), "per_round": [...], and the same
+        for the process's CPU time: "cpu_step_seconds", "cpu_relative", "cpu_per_round"}}}`. CPU time
+        (all threads of this process) is what the step costs; wall time also counts waiting for other
+        processes on a shared machine.
         """
         import lorakit as lk
 
@@ -264,6 +270,7 @@ class Session:
         from ..train.loop import LoopConfig
 
         per_round: dict[str, list[float]] = {a.label: [] for a in arms}
+        cpu_round: dict[str, list[float]] = {a.label: [] for a in arms}
         for rnd in range(rounds):
             for arm in arms:
                 recipe = self.recipe(base, arm.changes)
@@ -287,13 +294,19 @@ class Session:
                 result = train_param_groups(model, prep.task.loss, batch_iter, cfg, groups, device=prep.device,
                                             dtype=prep.dtype, log=lambda m: None)
                 per_round[arm.label].append(sum(h["seconds"] for h in result.history[1:]) / steps)
+                cpu_round[arm.label].append(sum(h["cpu_seconds"] for h in result.history[1:]) / steps)
                 del model, result
-            self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s/step" for k, v in per_round.items()))
+            self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s/step ({cpu_round[k][-1]:.2f} s CPU)"
+                                                                     for k, v in per_round.items()))
         first = arms[0].label
         out = {}
         for label, times in per_round.items():
             ratios = [t / f for t, f in zip(times, per_round[first])]
-            out[label] = {"step_seconds": statistics.median(times), "relative": statistics.median(ratios), "per_round": times}
+            cpu = cpu_round[label]
+            cpu_ratios = [t / f for t, f in zip(cpu, cpu_round[first])]
+            out[label] = {"step_seconds": statistics.median(times), "relative": statistics.median(ratios), "per_round": times,
+                          "cpu_step_seconds": statistics.median(cpu), "cpu_relative": statistics.median(cpu_ratios),
+                          "cpu_per_round": cpu}
         return {"rounds": rounds, "steps": steps, "arms": out}
 
 
@@ -308,7 +321,8 @@ def train_param_groups(model, loss_fn, batches, config, groups: list[dict], *, d
 
     Returns:
         A `lorakit.train.loop.LoopResult`; `history[i]["lr"]` is the first group's learning rate,
-        `history[i]["seconds"]` the step's wall time.
+        `history[i]["seconds"]` the step's wall time, `history[i]["cpu_seconds"]` the CPU time
+        this process (all its threads) spent in it.
     Raises:
         ValueError: the loss became NaN/inf.
     """
@@ -321,7 +335,7 @@ def train_param_groups(model, loss_fn, batches, config, groups: list[dict], *, d
     result = LoopResult()
     model.train()
     for step in range(1, config.steps + 1):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         total_loss, tokens = 0.0, 0
         for _ in range(config.grad_accum):
             batch = next(batches)
@@ -342,7 +356,7 @@ def train_param_groups(model, loss_fn, batches, config, groups: list[dict], *, d
         result.train_seconds += time.perf_counter() - t
         result.tokens += tokens
         result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                               "seconds": time.perf_counter() - t})
+                               "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu})
         if step == 1:
             result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
         if step % config.log_every == 0 or step == 1 or step == config.steps:

@@ -62,6 +62,8 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     results["timing"] = timing
     results["relative_train_time"] = {r.label: (r.train_seconds / reference.train_seconds
                                                 if not r.error and reference.train_seconds else None) for r in runs}
+    results["relative_train_cpu_time"] = {r.label: (r.train_cpu_seconds / reference.train_cpu_seconds
+                                                    if not r.error and reference.train_cpu_seconds else None) for r in runs}
     images = {
         "accuracy": plot_accuracy(runs, zero[0].get("accuracy"), out / "accuracy.png", f"test accuracy after {recipe.steps} steps", ""),
         "loss": plot_losses(runs, out / "loss.png", "training loss per variant"),
@@ -78,26 +80,32 @@ def table(results: dict, runs: list[RunResult], plan: list[tuple[Arm, str]]) -> 
     rows = []
     for (arm, what), run in zip(plan, runs):
         rel = results["relative_train_time"][run.label]
+        rel_cpu = results["relative_train_cpu_time"][run.label]
         t = timing.get(run.label)
         tail = run.losses[-5:]
         rows.append([run.label, what, f"{run.trainable:,}", accuracy_cell(run), paired_cell(reference, run),
                      f"{run.train_seconds:.0f} s" if not run.error else "n/a", f"{rel:.2f}x" if rel else "n/a",
-                     f"{t['relative']:.2f}x ({t['step_seconds']:.2f} s/step)" if t else "n/a",
+                     f"{rel_cpu:.2f}x" if rel_cpu else "n/a",
+                     f"{t['cpu_relative']:.2f}x ({t['cpu_step_seconds']:.2f} s)" if t else "n/a",
                      f"{run.inject_seconds:.1f} s", num(sum(tail) / len(tail)) if tail else "n/a"])
     return md_table(["variant", "change", "trainable", "test accuracy", "vs LoRA (paired)", f"training time ({reference.steps} steps)",
-                     "relative to LoRA", "relative, interleaved timing", "inject time", "train loss, last 5 steps"], rows)
+                     "relative to LoRA", "relative, CPU time", "relative, interleaved CPU time per step",
+                     "inject time", "train loss, last 5 steps"], rows)
 
 
 def _markdown(results: dict, runs: list[RunResult], recipe, images: dict) -> str:
     lines = [header(TITLE, __doc__.split("\n\n", 1)[1].strip().replace("\n", " "), results)]
     lines.append(setup_text(results["recipe"], results["zero_shot"], results["data"]["sizes"]))
     lines += ["", "## Accuracy and training time", "", results["table"], "",
-              "Training time is the optimisation loop of the run (forward, backward, optimizer step; evaluation "
-              "excluded); inject time is `lorakit.inject` (PiSSA: the SVD of each adapted weight). Because the runs "
-              "follow one another, a change of the machine's load between them shows up in their times; the "
-              "interleaved timing repeats a few steps of every variant in turn, " + _timing_text(results) + ", and "
-              "reports the median over rounds of each variant's step time divided by LoRA's in the same round. "
-              + PAIRED_NOTE, "",
+              "Training time is the wall time of the run's optimisation loop (forward, backward, optimizer step; "
+              "evaluation excluded), and relative to LoRA its ratio; the CPU-time ratio divides the CPU time this "
+              "process (all its threads) spent in the loop, which waiting for other processes on a shared machine "
+              "does not inflate. Because the runs follow one another, a change of the machine's load between them "
+              "still shows up; the interleaved timing repeats a few steps of every variant in turn, "
+              + _timing_text(results) + ", and reports the median over rounds of each variant's CPU time per step "
+              "divided by LoRA's in the same round. Inject time is `lorakit.inject` (PiSSA: the SVD of each adapted "
+              "weight). rsLoRA computes exactly what LoRA computes (only the scalar differs), so its ratios show the "
+              "timing noise of the machine. " + PAIRED_NOTE, "",
               f"![accuracy]({images['accuracy']})", "", f"![loss]({images['loss']})", ""]
     return "\n".join(lines)
 
