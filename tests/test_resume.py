@@ -141,7 +141,7 @@ def _tiny_training_state(step: int):
     model = tiny_llama()
     lk.inject(model, lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, LoopConfig(steps=10, lr=0.1))
+    optimizer, scheduler = make_optimizer(model, params, LoopConfig(steps=10, lr=0.1))
     for _ in range(step):
         model(torch.arange(8)[None]).logits.square().mean().backward()
         optimizer.step()

@@ -112,3 +112,20 @@ def test_plain_log_lines_outside_a_terminal():
     assert steps == ["1/10", "5/10", "10/10"]
     assert [l.split(":")[0] for l in lines if l.startswith("eval")] == ["eval @ step 0", "eval @ step 5", "eval @ step 10"]
     assert all("tok/s" in l and "lr" in l for l in lines if l.startswith("step "))
+
+
+def test_loraplus_ratio_gives_b_ratio_times_the_learning_rate():
+    """AdamW's first step moves every parameter with a non-zero gradient by exactly its learning
+    rate (m / sqrt(v) = sign(g) after bias correction; eps is negligible), and B starts at zero:
+    so after one step |B| is B's learning rate."""
+    import lorakit as lk
+
+    x, y = _regression()
+    for ratio, b_lr in ((0.0, 0.01), (16.0, 0.16)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
+        train(model, _mse, _stream(x, y, 8), LoopConfig(steps=1, lr=0.01, schedule="constant", grad_clip=0.0, loraplus_ratio=ratio),
+              device=torch.device("cpu"), evaluate=None, log=lambda m: None)
+        B = model[0].lora_B["default"].detach()
+        assert torch.allclose(B.abs(), torch.full_like(B, b_lr), rtol=1e-3), (ratio, B)

@@ -93,6 +93,7 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
     ("--schedule", "schedule", str, "cosine | linear | constant"),
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0: off)"),
+    ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = ratio x lr (paper: 16; 0: off)"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--batch-size", "batch_size", int, "examples per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),

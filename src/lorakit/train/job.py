@@ -296,7 +296,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
     loop_cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
                           schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum * per_rank,
                           eval_every=recipe.eval_every, log_every=max(1, min(10, recipe.steps // 8)),
-                          save_every=recipe.checkpoint_every, stop_after=stop_after)
+                          loraplus_ratio=recipe.loraplus_ratio, save_every=recipe.checkpoint_every, stop_after=stop_after)
     writer = CheckpointWriter(out, resumed_from=ckpt.folder if ckpt is not None else None)
 
     def save_checkpoint(step, optimizer, scheduler, result):

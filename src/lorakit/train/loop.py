@@ -45,6 +45,7 @@ class LoopConfig:
     grad_accum: int = 1
     eval_every: int = 0
     log_every: int = 5
+    loraplus_ratio: float = 0.0  # LoRA+: B's learning rate = ratio x lr (0: one group at lr)
     save_every: int = 0  # call `checkpoint` every N steps and after the last step (0: never)
     stop_after: int | None = None  # stop after this step (with a checkpoint when `checkpoint` is given)
 
@@ -124,9 +125,16 @@ class _Local:
         return values
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig):
-    """`(AdamW, LambdaLR)` for `params` as the loop builds them."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+def make_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], config: LoopConfig):
+    """`(AdamW, LambdaLR)` for the trainable `params` of `model` as the loop builds them: one
+    group at `config.lr`, or LoRA+'s groups (`lorakit.loraplus_param_groups`)."""
+    if config.loraplus_ratio:
+        from ..variants.loraplus import loraplus_param_groups
+
+        groups = loraplus_param_groups(model, lr=config.lr, ratio=config.loraplus_ratio, weight_decay=config.weight_decay)
+    else:
+        groups = [{"params": params}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
     return optimizer, scheduler
 
@@ -179,7 +187,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer, scheduler = make_optimizer(params, config)
+    optimizer, scheduler = make_optimizer(model, params, config)
     result = LoopResult()
     first = 1
     if resume is not None:

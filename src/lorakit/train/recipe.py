@@ -52,6 +52,8 @@ class Recipe:
         lora: `LoraConfig` arguments (`r`, `alpha`, `dropout`, `target_modules`, `modules_to_save`, ...).
         lr, weight_decay, warmup_steps, schedule, grad_clip: AdamW with warmup then
             cosine / linear decay to 0 (or constant); gradient clipping by global norm (0: off).
+        loraplus_ratio: LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's learning rate is this
+            many times `lr` (the paper uses 16; `lorakit.loraplus_param_groups`); 0: off.
         steps: optimizer steps; batch_size: examples per micro-batch (per process: with N processes
             a step sees `batch_size * grad_accum * N` examples); grad_accum: micro-batches per step.
         max_length: tokens per example (longer prompts lose their start; responses their end).
@@ -96,6 +98,7 @@ class Recipe:
     warmup_steps: int = 4
     schedule: str = "cosine"
     grad_clip: float = 1.0
+    loraplus_ratio: float = 0.0
     steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
@@ -135,7 +138,7 @@ class Recipe:
             _int("threads", self.threads, minimum=1)
         if self.save_every is not None:
             _int("save_every", self.save_every, minimum=0)
-        for name in ("lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "weight_decay", "grad_clip", "loraplus_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise RecipeError(f"recipe field {name!r} must be a number >= 0, got {value!r}")
