@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from tiny_run import adapter_tensors, flags, make_tiny, max_abs_diff, recipe_fields
 
 from lorakit import cli

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorakit import cli
-from lorakit.experiments import Arm, Session, paired, standard_error, train_param_groups
+from lorakit.experiments import Arm, Session, paired, standard_error
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -115,43 +115,6 @@ def _batches(seed=0):
 
 def _loss(model, batch):
     return model(**batch).loss, int(batch["input_ids"].numel())
-
-
-def test_train_param_groups_reproduces_the_training_loop():
-    from lorakit.train.loop import LoopConfig, train
-
-    cfg = LoopConfig(steps=6, lr=5e-3, warmup_steps=2, grad_clip=0.5, log_every=100)
-    a = _tiny_lora_model()
-    ra = train(a, _loss, _batches(), cfg, device=torch.device("cpu"), log=lambda m: None)
-    b = _tiny_lora_model()
-    params = [p for p in b.parameters() if p.requires_grad]
-    rb = train_param_groups(b, _loss, _batches(), cfg, [{"params": params}], device=torch.device("cpu"), log=lambda m: None)
-    assert [h["loss"] for h in ra.history] == pytest.approx([h["loss"] for h in rb.history], rel=1e-6, abs=1e-7)
-    assert [h["lr"] for h in ra.history] == [h["lr"] for h in rb.history]
-    assert ra.optimizer_state_bytes == rb.optimizer_state_bytes == 8 * sum(p.numel() for p in params)
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_loraplus_groups_scale_the_b_learning_rate():
-    import lorakit as lk
-    from lorakit.train.loop import LoopConfig
-
-    cfg = LoopConfig(steps=1, lr=1e-3, log_every=100, grad_clip=0.0)
-    model = _tiny_lora_model()
-    with torch.no_grad():  # B starts at zero, which leaves A without a gradient at the first step
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    groups = lk.loraplus_param_groups(model, lr=cfg.lr, ratio=16)
-    assert {g["name"]: g["lr"] for g in groups} == {"lora_A": 1e-3, "lora_B": 16e-3}
-    train_param_groups(model, _loss, _batches(), cfg, groups, device=torch.device("cpu"), log=lambda m: None)
-    # AdamW's first step moves every entry by about lr (sign of the gradient): B by 16x as much as A
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            step = (p.detach() - before[n]).abs().max().item()
-            assert step == pytest.approx(16e-3 if "lora_B" in n else 1e-3, rel=1e-3), n
 
 
 # ---------------------------------------------------------------------- the parameter budget

@@ -11,6 +11,6 @@ Command line: `lorakit experiment NAME [--out DIR] [--quick] ...` (`cli.py`); th
 through `runner.Session`, which trains each arm as `lorakit train` does.
 """
 
-from .runner import Arm, RunResult, Session, paired, standard_error, train_param_groups
+from .runner import Arm, RunResult, Session, paired, standard_error
 
-__all__ = ["Arm", "RunResult", "Session", "paired", "standard_error", "train_param_groups"]
+__all__ = ["Arm", "RunResult", "Session", "paired", "standard_error"]

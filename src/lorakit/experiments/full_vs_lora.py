@@ -282,7 +282,7 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
         lines += ["", f"![spectrum]({images['spectrum']})", ""]
         overlaps = {label: u["overlap"] for label, u in results["updates"].items() if u.get("overlap")}
         if overlaps:
-            lines += [f"### Does LoRA find the full fine-tune's directions? (extension, not in the paper)", "",
+            lines += ["### Does LoRA find the full fine-tune's directions? (extension, not in the paper)", "",
                       f"φ({r}, {r}) between the {r} directions of the LoRA update and the top-{r} singular directions of "
                       f"W_ft - W0 (`lorakit.analysis.grassmann_similarity`; 1 = the same subspace, chance {r}/d), on the "
                       "output side (left-singular vectors) and the input side (right-singular vectors), mean over layers; "

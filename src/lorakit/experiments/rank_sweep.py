@@ -271,7 +271,7 @@ def _markdown(results: dict, runs: list[RunResult], reference: RunResult, recipe
                              f"{mean(s['diagonal_mean']):.3f}", f"{s['phi_full_mean']:.3f}", f"{s['random_full']:.3f}"])
         lines.append(md_table(["module", "matrix", "φ(1, 1): mean [min, max] over layers", "layers with φ(1, 1) > 0.5",
                                "chance φ(1, 1)", f"mean φ(i, i), i ≤ {r1}", f"φ({r1}, {r2})", f"chance φ({r1}, {r2})"], rows))
-        lines += ["", f"Mean φ_A(i, i) by i (down the diagonal, mean over layers):", ""]
+        lines += ["", "Mean φ_A(i, i) by i (down the diagonal, mean over layers):", ""]
         rows = [[kind] + [f"{v:.3f}" for v in e["A"]["diagonal_mean"]] for kind, e in sim["per_type"].items()]
         k = len(next(iter(sim["per_type"].values()))["A"]["diagonal_mean"])
         lines.append(md_table(["module"] + [f"i={i}" for i in range(1, k + 1)], rows))

@@ -209,17 +209,13 @@ class Session:
                       for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
         loop_cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay,
                               warmup_steps=recipe.warmup_steps, schedule=recipe.schedule, grad_clip=recipe.grad_clip,
-                              grad_accum=recipe.grad_accum, eval_every=0, log_every=max(1, min(10, recipe.steps // 4)))
+                              grad_accum=recipe.grad_accum, eval_every=0, log_every=max(1, min(10, recipe.steps // 4)),
+                              loraplus_ratio=arm.loraplus_ratio or 0.0)
         torch.manual_seed(recipe.seed)
         cpu0 = time.process_time()
         try:
-            if arm.loraplus_ratio:
-                groups = lk.loraplus_param_groups(model, lr=recipe.lr, ratio=arm.loraplus_ratio, weight_decay=recipe.weight_decay)
-                result = train_param_groups(model, prep.task.loss, batch_iter, loop_cfg, groups,
-                                            device=prep.device, dtype=prep.dtype, log=self.log)
-            else:
-                result = train(model, prep.task.loss, batch_iter, loop_cfg, device=prep.device, dtype=prep.dtype,
-                               evaluate=None, log=self.log)
+            result = train(model, prep.task.loss, batch_iter, loop_cfg, device=prep.device, dtype=prep.dtype,
+                           evaluate=None, log=self.log)
         except ValueError as exc:  # the loop's NaN/inf guard
             res.error = str(exc)
             res.wall_seconds = time.perf_counter() - t_wall
@@ -267,7 +263,7 @@ class Session:
         import lorakit as lk
 
         from ..train import data as data_mod
-        from ..train.loop import LoopConfig
+        from ..train.loop import LoopConfig, train
 
         per_round: dict[str, list[float]] = {a.label: [] for a in arms}
         cpu_round: dict[str, list[float]] = {a.label: [] for a in arms}
@@ -282,19 +278,15 @@ class Session:
                 else:
                     torch.manual_seed(recipe.seed)
                     lk.inject(model, recipe.lora_config())
-                params = [p for p in model.parameters() if p.requires_grad]
-                groups = (lk.loraplus_param_groups(model, lr=recipe.lr, ratio=arm.loraplus_ratio, weight_decay=recipe.weight_decay)
-                          if arm.loraplus_ratio else [{"params": params}])
                 batch_iter = (prep.task.batch(ex, prep.device)
                               for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
                 cfg = LoopConfig(steps=steps + 1, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
                                  schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum,
-                                 log_every=10**9)
+                                 log_every=10**9, loraplus_ratio=arm.loraplus_ratio or 0.0)
                 torch.manual_seed(recipe.seed)
-                result = train_param_groups(model, prep.task.loss, batch_iter, cfg, groups, device=prep.device,
-                                            dtype=prep.dtype, log=lambda m: None)
-                per_round[arm.label].append(sum(h["seconds"] for h in result.history[1:]) / steps)
-                cpu_round[arm.label].append(sum(h["cpu_seconds"] for h in result.history[1:]) / steps)
+                result = train(model, prep.task.loss, batch_iter, cfg, device=prep.device, dtype=prep.dtype, log=lambda m: None)
+                per_round[arm.label].append(sum(result.step_seconds[1:]) / steps)
+                cpu_round[arm.label].append(sum(result.step_cpu_seconds[1:]) / steps)
                 del model, result
             self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s/step ({cpu_round[k][-1]:.2f} s CPU)"
                                                                      for k, v in per_round.items()))
@@ -308,63 +300,6 @@ class Session:
                           "cpu_step_seconds": statistics.median(cpu), "cpu_relative": statistics.median(cpu_ratios),
                           "cpu_per_round": cpu}
         return {"rounds": rounds, "steps": steps, "arms": out}
-
-
-# ---------------------------------------------------------------------- LoRA+ loop
-def train_param_groups(model, loss_fn, batches, config, groups: list[dict], *, device, dtype=None, log=print):
-    """`lorakit.train.loop.train` with the optimiser built from parameter `groups` (LoRA+).
-
-    The same steps as `train` (AdamW, the same warmup/decay multiplier applied to every group's
-    learning rate, accumulation, global-norm clipping over the trainable parameters in
-    `model.parameters()` order, the same records), without evaluations. With one group holding
-    every trainable parameter at `config.lr` it reproduces `train` (tests/test_experiments.py).
-
-    Returns:
-        A `lorakit.train.loop.LoopResult`; `history[i]["lr"]` is the first group's learning rate,
-        `history[i]["seconds"]` the step's wall time, `history[i]["cpu_seconds"]` the CPU time
-        this process (all its threads) spent in it.
-    Raises:
-        ValueError: the loss became NaN/inf.
-    """
-    from ..train.loop import LoopResult, lr_lambda, optimizer_state_bytes, peak_memory_bytes
-    from ..train.tasks import autocast
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
-    result = LoopResult()
-    model.train()
-    for step in range(1, config.steps + 1):
-        t, cpu = time.perf_counter(), time.process_time()
-        total_loss, tokens = 0.0, 0
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            with autocast(device, dtype):
-                loss, n = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower the learning rate (lr={config.lr})")
-            (loss / config.grad_accum).backward()
-            total_loss += loss.item() / config.grad_accum
-            tokens += n
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        result.train_seconds += time.perf_counter() - t
-        result.tokens += tokens
-        result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                               "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu})
-        if step == 1:
-            result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
-        if step % config.log_every == 0 or step == 1 or step == config.steps:
-            log(f"step {step}/{config.steps}  loss {total_loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}  "
-                f"{result.tokens_per_second:.0f} tok/s")
-    model.eval()
-    result.peak_memory_bytes = peak_memory_bytes(device)
-    return result
 
 
 # ---------------------------------------------------------------------- statistics

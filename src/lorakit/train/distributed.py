@@ -200,7 +200,17 @@ class Distributed:
                 "gradient_allreduce": dict(self.reduced), "trainable_tensors": len(self._trainable), "trainable_numel": trainable,
                 "frozen_bytes_on_rank0": getattr(self, "frozen_bytes_here", None)}
 
+    def finish(self) -> None:
+        """The normal end: wait for every rank (a rank that tears its process group down and exits
+        while another still talks to it can make the other abort), then leave the group."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+        self.close()
+
     def close(self) -> None:
+        """Leave the process group (also on an error path: no barrier)."""
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -340,24 +340,27 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
                 f"ranks identical: {distributed['ranks_identical']}")
         if not distributed["ranks_identical"]:
             raise RuntimeError(f"the ranks' adapters differ after training (sha256 {', '.join(h[:12] for h in hashes)})")
-        if not is_main:
+        if not is_main:  # done: leave together with rank 0 (a rank that exits alone can abort the other)
+            del forward_model
+            dist.finish()
             return None
-    if result.last_step < recipe.steps:
+    stopped = result.last_step < recipe.steps
+    adapter_dir = out / "adapter"
+    if dist is not None:
+        sharded = recipe.parallel == "fsdp2" and not stopped
+        if sharded:  # the sharded model needs every rank: save, then go on with a whole one
+            lk.save_adapter(model, adapter_dir)
+            model = prep.model = None  # free the shards before leaving the group
+        del forward_model
+        dist.finish()
+        if sharded:
+            model = prep.model = prep.fresh_model()
+            lk.load_adapter(model, adapter_dir)
+            model.eval()
+    if stopped:
         log(f"stopped after step {result.last_step} of {recipe.steps}; checkpoint {writer.latest}; continue with: "
             f"lorakit train --resume {out}")
         return {"stopped_at": result.last_step, "checkpoint": str(writer.latest), "out": str(out)}
-
-    adapter_dir = out / "adapter"
-    if dist is not None and recipe.parallel == "fsdp2":  # the sharded model needs every rank: go on with a whole one
-        lk.save_adapter(model, adapter_dir)
-        del forward_model, model, prep.model
-        dist.close()
-        model = prep.model = prep.fresh_model()
-        lk.load_adapter(model, adapter_dir)
-        model.eval()
-    elif dist is not None:
-        del forward_model
-        dist.close()
 
     t = time.perf_counter()
     after, preds = prep.evaluate(model, test)
@@ -393,7 +396,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
     timings["merge_check_seconds"] = time.perf_counter() - t
     log(f"merged: {_summary(merged)}; logits max |diff| vs unmerged {_max_diff(merged_logits, unmerged_logits):.3g}; "
         f"{diffs} of {len(test)} {compared} differ")
-    del merged_model, model, prep.model
+    merged_model = model = prep.model = None  # free them before the reload check
 
     # the saved files alone reproduce the trained model
     t = time.perf_counter()

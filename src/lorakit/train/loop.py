@@ -61,6 +61,8 @@ class LoopResult:
     tokens: int = 0
     optimizer_state_bytes: int = 0
     peak_memory_bytes: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this process ran
+    step_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of this process (all threads) in each
     start_step: int = 0  # the step this process started from (0, or a checkpoint's step)
     last_step: int = 0  # the last step done (config.steps, or stop_after)
 
@@ -217,7 +219,7 @@ def train(
     plain = bar.disable
     try:
         for step in range(first, last + 1):
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             total_loss, tokens, bad_loss = 0.0, 0, None
             for i in range(config.grad_accum):
                 batch = next(batches)
@@ -251,7 +253,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            result.train_seconds += time.perf_counter() - t
+            result.step_seconds.append(time.perf_counter() - t)
+            result.step_cpu_seconds.append(time.process_time() - cpu)
+            result.train_seconds += result.step_seconds[-1]
             result.tokens += tokens
             result.last_step = step
             result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens})
