@@ -87,6 +87,9 @@ def peak_rss_subprocess(module: str, *args: str) -> dict:
 
 
 def peak_rss_mb() -> float:
-    import resource
+    """This process's peak resident memory in MiB (see `lorakit.train.loop.peak_memory_bytes`)."""
+    import torch
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from lorakit.train.loop import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu")) / 2**20

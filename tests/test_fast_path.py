@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers.fused import _dropout_mask, lora_linear
+from lorakit.layers.fused import dropout_keep_mask, lora_linear
 
 from helpers import randomize_lora, tiny_gpt2, tiny_llama, tokens
 
 
-def _reference(x, W, b, A, B, s, mask, p):
-    h = x * mask / (1 - p) if mask is not None else x
+def _reference(x, W, b, A, B, s, mask, keep_scale):
+    h = x * mask * keep_scale if mask is not None else x
     return x @ W.T + (b if b is not None else 0) + s * (h @ A.T) @ B.T
 
 
@@ -34,13 +34,36 @@ def test_fused_values_and_grads_match_float64(p, with_bias):
         t.grad = None
 
     torch.manual_seed(7)
-    mask = _dropout_mask(x.reshape(-1, 12), p).reshape(x.shape) if p > 0 else None
-    ref = _reference(x, W, b, A, B, 0.75, mask, p)
+    mask, keep_scale = dropout_keep_mask(torch.Size([15, 12]), p, x.device) if p > 0 else (None, 1.0)
+    ref = _reference(x, W, b, A, B, 0.75, mask.reshape(x.shape) if mask is not None else None, keep_scale)
     ref.backward(grad_out)
     want = [t.grad for t in (x, A, B) + ((b,) if with_bias else ())]
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
     for a, w in zip(got, want):
         assert torch.allclose(a, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_dropout_mask_drops_with_probability_p_in_every_lane(p):
+    torch.manual_seed(3)
+    n = 1 << 22
+    mask, keep_scale = dropout_keep_mask(torch.Size([n // 8, 8]), p, torch.device("cpu"))
+    k = round(p * 65536)
+    assert mask.dtype == torch.bool and mask.shape == (n // 8, 8)
+    assert keep_scale == 65536 / (65536 - k) and abs(k / 65536 - p) <= 2**-17
+    dropped = (~mask).reshape(-1, 4).double()  # the four 16-bit lanes of each random word
+    sigma = (p * (1 - p) / (n // 4)) ** 0.5
+    assert ((dropped.mean(0) - k / 65536).abs() < 6 * sigma).all()
+    # neighbouring lanes are independent: P(both dropped) = p^2
+    both = (dropped[:, 0] * dropped[:, 1]).mean().item()
+    assert abs(both - (k / 65536) ** 2) < 6 * (p * p * (1 - p * p) / (n // 4)) ** 0.5
+
+
+def test_dropout_mask_tiny_p_and_odd_sizes():
+    mask, keep_scale = dropout_keep_mask(torch.Size([3, 7]), 1e-7, torch.device("cpu"))
+    assert mask.all() and keep_scale == 1.0  # rounds to no drop; nothing rescaled
+    mask, keep_scale = dropout_keep_mask(torch.Size([5]), 0.999999, torch.device("cpu"))
+    assert mask.shape == (5,) and keep_scale == 65536.0
 
 
 def test_dropout_keeps_a_bool_mask_not_a_copy_of_x():

@@ -142,8 +142,18 @@ def make_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], con
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory in bytes: the CUDA allocator's peak on a GPU; on the CPU the process's peak
+    resident set. On Linux that is `VmHWM` of this process's address space: `ru_maxrss` survives
+    `exec`, so a process started by a larger one would report its parent's peak."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
