@@ -117,14 +117,19 @@ def test_combine_linear_same_rank_targets():
     assert layer.r["xy"] == 2
 
 
-def test_mixed_batch_equals_per_row_runs():
+@pytest.mark.parametrize("length", [9, 1])  # q_proj (2 adapters): 9 tokens gathered, 1 token dense
+def test_mixed_batch_equals_per_row_runs(length):
+    from lorakit.mixed import DENSE_MAX
+
     model = _two_adapters()
     lk.inject(model, lk.LoraConfig(r=3, alpha=3, target_modules=["k_proj", "up_proj"]), adapter="c")
     lk.inject(model, lk.LoraConfig(r=5, alpha=5, target_modules=["q_proj", "down_proj"]), adapter="d")
     randomize_lora(model, seed=20)
     rows = ["a", "b", None, "c", "d", "a", None, "d"]
-    ids = tokens(batch=8, length=7)
+    ids = tokens(batch=8, length=length)
     with lk.mixed_batch(model, rows):
+        layer = model.model.layers[0].self_attn.q_proj
+        assert (layer._mixed.A_cat is not None and (len(layer._mixed.names) - 1) * length <= DENSE_MAX) == (length == 1)
         mixed = logits(model, ids)
     for i, name in enumerate(rows):
         if name is None:

@@ -115,11 +115,17 @@ class LoraLinear(LoraLayer):
         return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
 
     def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
-        """Each row `b` adds `B[slot_b] A[slot_b] x_b`: two gathered batched products."""
+        """Each row `b` adds `B[slot_b] A[slot_b] x_b`: two gathered batched products, or for
+        short inputs and few adapters two masked dense products (see `lorakit.mixed`)."""
+        from ..mixed import DENSE_MAX
+
         batch = check_rows(rows, x)
-        A, B = rows.A[rows.index], rows.B[rows.index]  # (batch, r, in), (batch, out, r)
-        h = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)
-        delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
+        h = x.reshape(batch, -1, x.shape[-1]).to(rows.A.dtype)
+        if rows.A_cat is not None and (len(rows.names) - 1) * h.shape[1] <= DENSE_MAX:
+            delta = (h @ rows.A_cat.T).mul_(rows.row_mask) @ rows.B_cat.T
+        else:
+            A, B = rows.A[rows.index], rows.B[rows.index]  # (batch, r, in), (batch, out, r)
+            delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
         return result + delta.reshape(result.shape).to(result.dtype)
 
 
