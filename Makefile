@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/lorakit train --out runs/demo
+	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -214,3 +214,26 @@ def test_base_weights_in_adapter_file_must_match_the_model(tmp_path):
     with pytest.raises(lk.AdapterLoadError, match="does not overwrite base weights"):
         lk.load_adapter(model, tmp_path)
     assert_same_state(model, snap)
+
+
+def test_edited_json_of_a_lorakit_adapter_is_validated_and_a_difference_reported(saved):
+    """lorakit's files carry their config inside the weights file too (it matches the tensors even
+    if a save stopped between the two renames). An edit of the json must not pass silently: an
+    invalid json is an error, a valid but different one a warning naming the fields."""
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpah": 3}))
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.ConfigError, match="lora_alpah.*adapter_config.json"):
+        lk.load_adapter(model, saved)
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": -1}))
+    with pytest.raises(lk.ConfigError, match="lora_alpha"):
+        lk.load_adapter(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2, "lora_alpha": 3}))
+    with pytest.warns(UserWarning, match=r"r: 2 in the json, 4 saved with the tensors; alpha: 3.* saved with the tensors"):
+        lk.load_adapter(model, saved)
+    from lorakit.state import get_state
+
+    config = get_state(model).configs["default"]
+    assert (config.r, config.alpha) == (4, 8)

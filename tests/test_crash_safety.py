@@ -72,3 +72,22 @@ def test_sigkill_during_save_leaves_old_or_new_version(tmp_path):
         for name in leftovers:
             (folder / name).unlink()
     assert seen == {2, 4}, "the kills never landed on one of the versions; the test is not exercising saves"
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    from lorakit.fileio import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+        (tmp_path / "kept.json").write_text("old")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        atomic_write_text(tmp_path / "kept.json", "new")
+        assert stat.S_IMODE((tmp_path / "kept.json").stat().st_mode) == 0o640
+        assert (tmp_path / "kept.json").read_text() == "new"
+    finally:
+        os.umask(old)

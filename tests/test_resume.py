@@ -313,3 +313,18 @@ def test_resume_is_bitwise_for_variants(tiny, tmp_path, changes):
     run_train(resume_recipe(split)[0], log=QUIET, resume=split)
     a, b = adapter_tensors(full), adapter_tensors(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_holding_a_previous_run_is_refused_without_overwrite(tiny, uninterrupted, tmp_path, capsys):
+    full, _ = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    before = _tree_hashes(out)
+    code = cli.main(["train", *flags(recipe_fields(*tiny, steps=2, out=str(out)))])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"output folder {out} holds a previous run (report.json, checkpoints, adapter); pass --overwrite" in lines[0]
+    assert _tree_hashes(out) == before
+    report = run_train(_recipe(tiny, out, steps=2, save_every=0), log=QUIET, overwrite=True)
+    assert report["training"]["history"][-1]["step"] == 2
+    assert _tree_hashes(out)["adapter/adapter_model.safetensors"] != before["adapter/adapter_model.safetensors"]

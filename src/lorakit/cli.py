@@ -212,6 +212,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint every N steps and at the end (default: every 10%% of the steps; 0: none)")
     g.add_argument("--resume", metavar="OUT", help="continue the run in folder OUT from its latest checkpoint (its recipe is "
                    "recorded there; only --steps, --eval-every, --eval-batch-size, --threads, --save-every, --parallel may change)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the output folder (without it, a folder holding one is refused)")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop after this step with a checkpoint (continue later with --resume)")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -264,7 +266,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import run_train
 
     try:
-        report = run_train(recipe, resume=args.resume, stop_after=args.stop_after)
+        report = run_train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except Exception as exc:
         if world is None or getattr(args, "debug", False):
             raise
@@ -285,7 +287,7 @@ def _train_multiprocess(args: argparse.Namespace, recipe) -> int:
     from .train.distributed import launch
     from .train.job import preflight
 
-    preflight(recipe, resume=args.resume, world_size=args.nproc_per_node)
+    preflight(recipe, resume=args.resume, world_size=args.nproc_per_node, overwrite=args.overwrite)
     argv = _without_nproc(getattr(args, "_argv", None) or sys.argv[1:])
     code = launch(args.nproc_per_node, argv, threads=recipe.threads)
     if code != 0:
@@ -516,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorakit info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ the config) before the model is touched; pickle files are never opened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,23 +189,40 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     if config_file.is_file():
         text = config_file.read_text(encoding="utf-8", errors="replace")
         if embedded is not None and embedded != text:
-            text = embedded  # a save stopped between the two renames: the weights file is the newer
+            # A save stopped between the two renames, or the json was edited. The config saved
+            # inside the weights file is the one that matches its tensors; the json must still be
+            # valid, and a real difference is reported.
+            _warn_config_differs(_parse_config(text, config_file), _parse_config(embedded, weights), config_file, weights)
+            text = embedded
     elif embedded is not None:
         text = embedded
     else:
         raise AdapterLoadError(f"no {CONFIG_NAME} in {folder}")
-    try:
-        config = LoraConfig.from_json(text)
-    except ConfigError as exc:
-        raise ConfigError(exc.field, f"{exc.detail} (in {config_file})") from None
-    except TypeError as exc:
-        raise ConfigError("adapter_config", f"{exc} (in {config_file})") from None
+    config = _parse_config(text, config_file)
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point")
         if not torch.isfinite(tensor).all():
             raise AdapterLoadError(f"{weights}: tensor {key!r} contains NaN or Inf values")
     return AdapterFiles(folder, config, tensors)
+
+
+def _parse_config(text: str, source: Path) -> LoraConfig:
+    try:
+        return LoraConfig.from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{exc.detail} (in {source})") from None
+    except TypeError as exc:
+        raise ConfigError("adapter_config", f"{exc} (in {source})") from None
+
+
+def _warn_config_differs(on_disk: LoraConfig, saved: LoraConfig, config_file: Path, weights: Path) -> None:
+    diff = [f"{f.name}: {getattr(on_disk, f.name)!r} in the json, {getattr(saved, f.name)!r} saved with the tensors"
+            for f in dataclasses.fields(LoraConfig) if getattr(on_disk, f.name) != getattr(saved, f.name)]
+    if diff:
+        warnings.warn(f"{config_file} differs from the config lorakit saved inside {weights} ({'; '.join(diff)}); "
+                      "using the latter, which matches the tensors (the json was edited, or a save was interrupted). "
+                      "To change an adapter's config, load it, change it and save it again.", stacklevel=3)
 
 
 def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):

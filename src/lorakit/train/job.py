@@ -36,6 +36,7 @@ from .tasks import make_task
 
 TRAIN_INFO = "lorakit_train.json"
 PROBE_EXAMPLES = 8
+RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
 SAMPLE_PROMPTS = 3
 
 
@@ -133,7 +134,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr, *, resume: str | Path | None = None,
-              stop_after: int | None = None) -> dict[str, Any] | None:
+              stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
     Args:
@@ -142,6 +143,10 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr, *, resume: s
             come from the checkpoint; `recipe` must agree with the recorded one except for
             `checkpoint.RESUME_MAY_CHANGE` (use `checkpoint.resume_recipe` to build it).
         stop_after: stop after this step, with a checkpoint (continue with `resume`).
+        overwrite: allow an output folder that holds a previous run (`report.json`,
+            `checkpoints/` or `adapter/`); its files are replaced as the new run writes them, and
+            files the new run does not write (a `merged/` folder, say) stay. Without it such a
+            folder raises `RecipeError` (unless resuming it).
     Returns:
         The report (also written as `report.json`); `{"stopped_at", "checkpoint", "out"}` when
         `stop_after` stopped the run; None on ranks other than 0 of a multi-process run.
@@ -157,7 +162,7 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr, *, resume: s
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise RecipeError(f"stop_after must be a step >= 1, got {stop_after!r}")
     world = dist_mod.world_from_env()
-    ckpt, changed, shards = _checks(recipe, resume, world.world_size if world else 1)
+    ckpt, changed, shards = _checks(recipe, resume, world.world_size if world else 1, overwrite)
     device = resolve_device(recipe.device, recipe.precision)
     dist = None
     if world is not None:
@@ -172,7 +177,7 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = _stderr, *, resume: s
             dist.close()
 
 
-def _checks(recipe: Recipe, resume, world_size: int):
+def _checks(recipe: Recipe, resume, world_size: int, overwrite: bool = False):
     """The checks before anything loads: `(checkpoint or None, fields changed on resume, data shards)`."""
     from . import distributed as dist_mod
     from .checkpoint import check_resume_recipe, read_checkpoint
@@ -181,6 +186,10 @@ def _checks(recipe: Recipe, resume, world_size: int):
     out = recipe.out_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output path {out} exists and is not a folder")
+    previous = [n for n in RUN_FILES if (out / n).exists()] if resume is None and not overwrite else []
+    if previous:
+        raise RecipeError(f"output folder {out} holds a previous run ({', '.join(previous)}); pass --overwrite to replace it, "
+                          f"--resume {out} to continue it, or another --out")
     ckpt = None
     changed: list[str] = []
     if resume is not None:
@@ -196,11 +205,11 @@ def _checks(recipe: Recipe, resume, world_size: int):
     return ckpt, changed, shards
 
 
-def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: int = 1) -> None:
+def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: int = 1, overwrite: bool = False) -> None:
     """What `run_train` checks before the model loads, for a launcher to run before it starts
     processes: output folder, checkpoint and recipe agreement, supported combination, device,
     model name or path, data file and fields. Raises the same errors as `run_train`."""
-    _checks(recipe, resume, world_size)
+    _checks(recipe, resume, world_size, overwrite)
     resolve_device(recipe.device, recipe.precision)
     resolve_model(recipe.model)
     data_mod.load_dataset(recipe)
