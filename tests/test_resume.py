@@ -19,6 +19,7 @@ import pytest
 import torch
 from tiny_run import adapter_tensors, flags, make_tiny, recipe_fields
 
+import lorakit as lk
 from lorakit import cli
 from lorakit.train import load_recipe, run_train
 from lorakit.train.checkpoint import (CHECKPOINTS, LATEST, CheckpointWriter, capture_rng, read_checkpoint, resume_recipe,
@@ -328,3 +329,11 @@ def test_a_folder_holding_a_previous_run_is_refused_without_overwrite(tiny, unin
     report = run_train(_recipe(tiny, out, steps=2, save_every=0), log=QUIET, overwrite=True)
     assert report["training"]["history"][-1]["step"] == 2
     assert _tree_hashes(out)["adapter/adapter_model.safetensors"] != before["adapter/adapter_model.safetensors"]
+
+
+def test_a_target_that_matches_nothing_fails_before_the_base_evaluation(tiny, tmp_path):
+    logged = []
+    with pytest.raises(lk.TargetNotFoundError, match="q_prj"):
+        run_train(_recipe(tiny, tmp_path / "run", lora={"target_modules": ["q_prj"]}), log=logged.append)
+    assert not any("evaluating the base model" in m for m in logged), logged
+    assert not (tmp_path / "run" / "report.json").exists()

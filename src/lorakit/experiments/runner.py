@@ -178,6 +178,7 @@ class Session:
         import lorakit as lk
 
         from ..train import data as data_mod
+        from ..train.job import lora_config_for
         from ..train.loop import LoopConfig, train
 
         recipe = self.recipe(base, arm.changes)
@@ -195,10 +196,7 @@ class Session:
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
-            config = recipe.lora_config().replace(
-                base_model_name_or_path=prep.source.name,
-                task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
-            )
+            config = lora_config_for(recipe, prep)
             torch.manual_seed(recipe.seed)  # as lorakit train: the LoRA init depends on it
             lk.inject(model, config)
         res.inject_seconds = time.perf_counter() - t

@@ -26,6 +26,8 @@ import torch
 
 from .. import __version__
 from ..errors import LoraError
+from ..config import LoraConfig
+from ..inject import plan
 from . import data as data_mod
 from .errors import RecipeError
 from .loop import LoopConfig, train
@@ -215,6 +217,14 @@ def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: i
     data_mod.load_dataset(recipe)
 
 
+def lora_config_for(recipe: Recipe, prep) -> LoraConfig:
+    """The recipe's `LoraConfig` for the prepared model (its name and task type recorded)."""
+    return recipe.lora_config().replace(
+        base_model_name_or_path=prep.source.name,
+        task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
+    )
+
+
 def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:
     """Rank 0 speaks, naming itself; the other ranks stay quiet (their errors name their rank)."""
     def ranked(message: str) -> None:
@@ -261,6 +271,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
                 log(f"{out / 'checkpoints'} holds a checkpoint of an earlier run (step {earlier}); this run replaces it "
                     f"(lorakit train --resume {out} would have continued it)")
         before, samples = None, []
+        plan(model, lora_config_for(recipe, prep))  # a target that matches nothing fails now, not after the evaluation
         t = time.perf_counter()
         if is_main:
             log(f"evaluating the base model on {len(test)} held-out test examples")
@@ -269,10 +280,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
             log("before: " + _summary(before))
         timings["eval_before_seconds"] = time.perf_counter() - t
 
-    config = recipe.lora_config().replace(
-        base_model_name_or_path=prep.source.name,
-        task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
-    )
+    config = lora_config_for(recipe, prep)
     torch.manual_seed(recipe.seed)
     if ckpt is not None:
         ckpt.load_adapter(model)  # injects the recorded adapter and loads its tensors (trainable)
