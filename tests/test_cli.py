@@ -105,6 +105,10 @@ def test_eval_and_merge_bad_adapter(tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = run(["info", str(tmp_path / "none")], capsys)
     assert code == 2 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    for extra in ([], ["--model", "smollm2"]):  # the missing files are named first, whatever else is given
+        code, _, err = run(["eval", "--adapter", str(tmp_path / "empty"), *extra], capsys)
+        assert code == 2 and err.strip() == f"lorakit eval: error: no adapter_model.safetensors in {tmp_path / 'empty'}"
 
 
 def test_info_lists_recipes_and_models(capsys):

@@ -321,8 +321,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.job import evaluate_adapter
 
     source = _recipe_source(args)
-    base = load_recipe(source) if (source or not args.adapter) else None
-    result = evaluate_adapter(args.adapter, base=base, overrides=recipe_overrides(args), split=args.split)
+    overrides = recipe_overrides(args)
+    base = load_recipe(source) if (source or overrides or not args.adapter) else None  # --model alone names the default recipe's
+    result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -62,6 +62,9 @@ class Prepared:
         s = self.splits.sizes()
         log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
             f"{len(self.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
+        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
+            log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size {recipe.val_size}): "
+                f"they take at most 20% and 10% of the {len(self.dataset.examples)} examples")
         if os.environ.get("LORAKIT_BUSY_CPU"):
             log(f"the CPU was busy at start (load average {os.environ['LORAKIT_BUSY_CPU']}): running with OMP_WAIT_POLICY=PASSIVE")
         labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
@@ -509,12 +512,16 @@ def recipe_for_adapter(adapter: str | Path | None, base: Recipe | None, override
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter} does not exist")
     info = read_train_info(adapter) if adapter is not None else None
+    if info is None and adapter is not None:
+        from ..io import read_adapter
+
+        read_adapter(adapter)  # no adapter files (or a pickle, a corrupt file): say that first
     if info is not None:
         recipe = apply(Recipe(), info["recipe"])
     elif base is not None:
         recipe = base
     else:
-        raise RecipeError(f"{adapter} has no {TRAIN_INFO} (not written by lorakit train); name the recipe or model with --recipe/--model")
+        raise RecipeError(f"{adapter} has no {TRAIN_INFO} (not written by lorakit train); name its recipe with --recipe, or its model and data with --model/--data")
     return apply(recipe, overrides), info
 
 
