@@ -271,8 +271,12 @@ def _train(args: argparse.Namespace) -> int:
         if world is None or getattr(args, "debug", False):
             raise
         raise RuntimeError(f"rank {world.rank}/{world.world_size}: {_one_line(exc)}") from None
-    if report is None:  # ranks other than 0 of a multi-process run
-        return 0
+    if report is None:  # ranks other than 0 of a multi-process run: done, nothing written
+        # Leave now, not through interpreter teardown, where gloo's worker threads can still
+        # abort the process (SIGABRT, "terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if "stopped_at" in report:
         print(f"stopped after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
               f"lorakit train --resume {report['out']}")
