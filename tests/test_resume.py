@@ -337,3 +337,14 @@ def test_a_target_that_matches_nothing_fails_before_the_base_evaluation(tiny, tm
         run_train(_recipe(tiny, tmp_path / "run", lora={"target_modules": ["q_prj"]}), log=logged.append)
     assert not any("evaluating the base model" in m for m in logged), logged
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_held_out_splits_smaller_than_asked_are_noted(tiny, tmp_path):
+    logged = []
+    with pytest.raises(lk.TargetNotFoundError):  # stops right after the data and model load
+        run_train(_recipe(tiny, tmp_path / "run", test_size=10**6, lora={"target_modules": ["q_prj"]}), log=logged.append)
+    assert any(m.startswith("note: the held-out splits are smaller than asked (test_size 1000000") for m in logged), logged
+    logged.clear()
+    with pytest.raises(lk.TargetNotFoundError):
+        run_train(_recipe(tiny, tmp_path / "run", lora={"target_modules": ["q_prj"]}), log=logged.append)
+    assert not any(m.startswith("note: the held-out splits") for m in logged), logged
