@@ -186,19 +186,19 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         raise AdapterLoadError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
     config_file = folder / CONFIG_NAME
     embedded = metadata.get(META_CONFIG)
-    if config_file.is_file():
-        text = config_file.read_text(encoding="utf-8", errors="replace")
-        if embedded is not None and embedded != text:
-            # A save stopped between the two renames, or the json was edited. The config saved
-            # inside the weights file is the one that matches its tensors; the json must still be
-            # valid, and a real difference is reported.
-            _warn_config_differs(_parse_config(text, config_file), _parse_config(embedded, weights), config_file, weights)
-            text = embedded
-    elif embedded is not None:
-        text = embedded
+    if embedded is not None:
+        # lorakit's own files: the config saved inside the weights file matches its tensors, also
+        # when a save stopped between the two renames. An edited json must still be valid, and a
+        # real difference is reported.
+        config = _parse_config(embedded, weights)
+        if config_file.is_file():
+            text = config_file.read_text(encoding="utf-8", errors="replace")
+            if text != embedded:
+                _warn_config_differs(_parse_config(text, config_file), config, config_file, weights)
+    elif config_file.is_file():
+        config = _parse_config(config_file.read_text(encoding="utf-8", errors="replace"), config_file)
     else:
         raise AdapterLoadError(f"no {CONFIG_NAME} in {folder}")
-    config = _parse_config(text, config_file)
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point")

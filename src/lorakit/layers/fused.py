@@ -48,6 +48,15 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tupl
     return lanes >= k - _LEVELS // 2, _LEVELS / (_LEVELS - k)
 
 
+def _dropped(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """`(where(mask, x, 0), mask, keep_scale)` for dropout `p` (`(x, None, 1.0)` when p = 0); the
+    scale is left to the caller, who folds it into `scaling`."""
+    if p <= 0:
+        return x, None, 1.0
+    mask, keep_scale = dropout_keep_mask(x.shape, p, x.device)
+    return torch.where(mask, x, 0.0), mask, keep_scale
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """`autograd.Function` for `x W^T + b + scaling * (dropout(x) A^T) B^T` on 2-D `x: (N, in)`."""
 
@@ -55,8 +64,7 @@ class LoraLinearFunction(torch.autograd.Function):
     # `where(mask, x, 0)` is formed: one pass over `x` instead of two, the same values.
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, p: float):
-        mask, keep_scale = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
-        h = torch.where(mask, x, 0.0) if mask is not None else x
+        h, mask, keep_scale = _dropped(x, p)
         out = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
         xa = h @ A.T  # (N, r)
         s = scaling * keep_scale
@@ -106,8 +114,7 @@ def lora_linear(
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad):
         out = LoraLinearFunction.apply(x2, weight, bias, A, B, scaling, p)
     else:
-        mask, keep_scale = dropout_keep_mask(x2.shape, p, x2.device) if p > 0 else (None, 1.0)
-        h = torch.where(mask, x2, 0.0) if mask is not None else x2
+        h, _, keep_scale = _dropped(x2, p)
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
         out.addmm_(h @ A.T, B.T, alpha=scaling * keep_scale)
     return out.view(x.shape[:-1] + out.shape[-1:])

@@ -256,6 +256,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
     if shards > 1 and len(prep.splits.train) < global_micro:
         raise RecipeError(f"the training split has {len(prep.splits.train)} examples, fewer than one global micro-batch "
                           f"(batch_size {recipe.batch_size} x {shards} processes)")
+    config = lora_config_for(recipe, prep)
     if ckpt is not None:
         if ckpt.state["data"].get("train_fingerprint") != train_fingerprint:
             raise CheckpointError(f"--resume: the training split differs from the one checkpoint {ckpt.folder} was trained on "
@@ -274,7 +275,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
                 log(f"{out / 'checkpoints'} holds a checkpoint of an earlier run (step {earlier}); this run replaces it "
                     f"(lorakit train --resume {out} would have continued it)")
         before, samples = None, []
-        plan(model, lora_config_for(recipe, prep))  # a target that matches nothing fails now, not after the evaluation
+        plan(model, config)  # a target that matches nothing fails now, not after the evaluation
         t = time.perf_counter()
         if is_main:
             log(f"evaluating the base model on {len(test)} held-out test examples")
@@ -283,7 +284,6 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
             log("before: " + _summary(before))
         timings["eval_before_seconds"] = time.perf_counter() - t
 
-    config = lora_config_for(recipe, prep)
     torch.manual_seed(recipe.seed)
     if ckpt is not None:
         ckpt.load_adapter(model)  # injects the recorded adapter and loads its tensors (trainable)
