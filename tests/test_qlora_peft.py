@@ -105,3 +105,25 @@ def test_lorakit_adapts_a_transformers_bnb_model_directly(tmp_path, folder):
     merged.save_pretrained(tmp_path / "merged")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert torch.allclose(logits(again, ids), unmerged, atol=1e-5)
+
+
+def test_folded_qera_adapter_loads_in_peft_on_a_plain_bnb_model(tmp_path, folder):
+    """Trained adapter + frozen NF4 correction, folded into one adapter (mixed ranks): PEFT gives the same logits."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    calib = [{"input_ids": tokens(batch=4, length=12, seed=10 + i)} for i in range(3)]
+    lk.quant.qera_quantize(model, calib, rank=4)
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = tokens()
+    ours = logits(model, ids)
+    lk.quant.fold_corrections(model)
+    lk.save_adapter(model, tmp_path / "adapter")
+    pm = peft.PeftModel.from_pretrained(bnb_model(folder), tmp_path / "adapter").eval()
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.r["default"] == 6  # 2 trained + 4 correction
+    assert pm.base_model.model.model.layers[0].mlp.down_proj.r["default"] == 4
+    theirs = logits(pm, ids)
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5), (theirs - ours).abs().max()

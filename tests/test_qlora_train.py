@@ -34,9 +34,13 @@ def test_qlora_sentiment_smollm2_short(tmp_path, smollm2_folder):
     report = run_train(recipe, log=lambda m: None)
     q, bw, c = report["quantization"], report["base_weights"], report["checks"]
     assert q["layers"] == 210 and q["double_quant"] and q["bits_per_param"] <= 4.13
-    assert bw["linear_bytes"] == q["bytes"] and bw["linear_bf16_ratio"] >= 3.5
-    assert report["model"]["parameters"] == report["lora"]["total"]  # logical count, not packed bytes
-    assert q["merge"]["layers"] == 60 and q["merge"]["dequantized_layers"] == 150 and q["merge"]["max_abs_error"] == 0.0
+    # the frozen rank-8 NF4 correction (qera_rank 8, the default) counts as base weight, in bf16
+    assert q["qera"]["layers"] == 210 and q["qera"]["output_error_after"] < 0.1 * q["qera"]["output_error_before"]
+    assert bw["correction_bytes"] == 2 * 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    assert bw["linear_bytes"] == q["bytes"] + bw["correction_bytes"] and bw["linear_bf16_ratio"] >= 3.5
+    assert report["lora"]["adapted_modules"] == 60
+    # the saved adapter = trained q/v adapter + the correction on all 210 layers: merged everywhere
+    assert q["merge"]["layers"] == 210 and q["merge"]["dequantized_layers"] == 0 and q["merge"]["max_abs_error"] == 0.0
     assert report["training"]["last_loss"] < report["training"]["first_loss"] * 1.5
     assert c["reload_identical"] and c["merged_predictions_equal"] and c["merged_vs_unmerged_max_abs_diff"] < 1e-3
     assert "4-bit base (QLoRA)" in (out / "report.md").read_text()

@@ -305,7 +305,8 @@ def test_nan_before_any_checkpoint_says_so(tiny, monkeypatch, tmp_path, capsys):
     {"lora": {"target_modules": ["q_proj", "v_proj"], "use_dora": True}},
     {"task": "classify-head", "lora": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"]}},
     {"lora": {"target_modules": "all-linear", "use_rslora": True, "bias": "lora_only"}, "weight_decay": 0.1, "schedule": "linear"},
-], ids=["dora", "head-modules-to-save", "all-linear-rslora-bias"])
+    {"quantize": "nf4", "calibration_size": 16, "lora": {"target_modules": ["q_proj", "v_proj"]}},  # + frozen qera correction
+], ids=["dora", "head-modules-to-save", "all-linear-rslora-bias", "nf4-qera"])
 def test_resume_is_bitwise_for_variants(tiny, tmp_path, changes):
     fields = dict(steps=4, save_every=0, grad_accum=2, **changes)
     full, split = tmp_path / "full", tmp_path / "split"

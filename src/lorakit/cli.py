@@ -105,6 +105,9 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--precision", "precision", str, "auto | fp32 | bf16"),
     ("--threads", "threads", int, "torch CPU threads (default: all available)"),
     ("--quantize", "quantize", str, "none | nf4: QLoRA, the frozen linear layers in 4-bit NF4 (needs bitsandbytes)"),
+    ("--qera-rank", "qera_rank", int, "with --quantize nf4: rank of the frozen calibrated correction of the NF4 error "
+                                      "on every quantized layer (QERA; 0: plain QLoRA; default 8)"),
+    ("--calibration-size", "calibration_size", int, "training examples that calibrate the --qera-rank correction (default 128)"),
     ("--out", "out", str, "output folder (default runs/<recipe name>)"),
 ]
 _LORA_FLAGS: list[tuple[str, str, Any, str]] = [

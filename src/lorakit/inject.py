@@ -256,6 +256,7 @@ def set_active(model: nn.Module, adapters: str | Iterable[str]) -> None:
     """
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     state = get_state(model)
+    names += [p for p in state.pinned if p not in names]
     for n in names:
         if n not in state.configs:
             raise AdapterNotFoundError(f"no adapter named {n!r}; this model has {sorted(state.configs)}")
@@ -326,6 +327,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             if not wrapper.adapter_names:
                 replace_module(inner, path, wrapper.original_module)
     del state.configs[adapter]
+    state.pinned = tuple(a for a in state.pinned if a != adapter)
     set_active(inner, [a for a in state.active if a != adapter])
 
 

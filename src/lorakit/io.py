@@ -313,7 +313,8 @@ def load_adapter(
     Injects the adapter's layers if needed, checks every key, shape, dtype and value
     against the model and the config *before* changing anything, then copies the
     tensors in. The loaded adapter is trainable unless `trainable=False`. It becomes
-    active if it is the model's first adapter, or if `activate=True`.
+    active if it is the model's first adapter (pinned ones, `lorakit.quant.qera`, aside),
+    or if `activate=True`.
 
     Returns:
         `model`.
@@ -330,6 +331,8 @@ def load_adapter(
 
     first = not has_adapters(inner)
     previous_active = () if first else get_state(inner).active
+    # a model holding only pinned adapters (a frozen NF4 correction) gets its first real adapter: activate it
+    only_pinned = not first and set(get_state(inner).configs) <= set(get_state(inner).pinned)
     try:
         inject(inner, files.config, adapter, plan_=p)
         for key, tensor in files.tensors.items():
@@ -346,7 +349,7 @@ def load_adapter(
             delete_adapter(inner, adapter)
             set_active(inner, previous_active)
         raise
-    set_active(inner, [adapter] if (first or activate) else previous_active)
+    set_active(inner, [adapter] if (first or only_pinned or activate) else previous_active)
     return model
 
 

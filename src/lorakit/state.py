@@ -20,6 +20,8 @@ class AdapterState:
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    # adapters that stay active whatever set_active asks (a frozen correction of the base: lorakit.quant.qera)
+    pinned: tuple[str, ...] = ()
     # (module, original bias) for biases a `bias="all"/"lora_only"` adapter trains
     bias_backup: list = field(default_factory=list)
 

@@ -103,6 +103,10 @@ class LoraLinear(LoraLayer):
 
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], (self.lora_B_dense(name) if self.slices else self.lora_B[name])
+        if A.dtype.itemsize < x.dtype.itemsize and x.dtype.is_floating_point:
+            # a narrower adapter (a frozen bf16 correction, lorakit.quant.qera) on a wider input: compute in the
+            # input's dtype, as the same tensors would once folded into a float32 adapter
+            A, B = A.to(x.dtype), B.to(x.dtype)
         h = x.to(A.dtype)
         p = self.lora_dropout[name]
         if p and self.training:

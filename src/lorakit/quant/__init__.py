@@ -5,6 +5,9 @@
     lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     ...train...
     merged, report = lk.quant.merge_quantized(model)   # dequantize + delta in float32 -> a dense model
+
+With `lk.quant.qera_quantize(model, calibration_batches)` instead of `lk.quantize`, a frozen
+low-rank correction of the NF4 error sits beside every 4-bit layer (QERA; see `lorakit.quant.qera`).
     print(report.max_abs_error)
 
 The engine is bitsandbytes (`pip install 'lorakit[qlora]'`); see `lorakit.quant.nf4`
@@ -25,8 +28,10 @@ from .nf4 import (
     quantized_layers,
 )
 from .merge import MergeReport, merge_quantized
+from .qera import QeraReport, add_corrections, error_corrections, fold_corrections, qera_quantize
 
 __all__ = [
     "quantize", "QuantError", "QuantReport", "bits_per_param", "base_weight_memory", "dequantize_weight",
     "is_quantized_linear", "quantized_layers", "guard_cpu_repack", "merge_quantized", "MergeReport", "ENGINES",
+    "qera_quantize", "error_corrections", "add_corrections", "fold_corrections", "QeraReport",
 ]

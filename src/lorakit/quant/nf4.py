@@ -193,6 +193,67 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not is_quantized_linear(module)
 
 
+def select_linear_layers(model: nn.Module, modules: Iterable[str] | str = "all-linear",
+                         exclude_modules: Iterable[str] | str | None = None, include_head: bool = False) -> list[tuple[str, nn.Module]]:
+    """The `(path, nn.Linear)` pairs `quantize` would quantize (same arguments), checked: no tied,
+    meta or non-float weight. Raises as `quantize` does; changes nothing."""
+    from ..inject import output_head_path
+    from ..state import unwrap
+
+    inner = unwrap(model)
+    head = None if include_head else output_head_path(inner)
+    selector = modules if isinstance(modules, str) else list(modules)
+    exclude = None if exclude_modules is None else (exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
+
+    chosen: list[tuple[str, nn.Module]] = []
+    blocks: list[str] = []
+    skipped_conv1d: list[str] = []
+    for path, module in inner.named_modules():
+        if not path or is_quantized_linear(module):
+            continue
+        if selector == "all-linear":
+            if path == head:
+                continue
+            if _is_plain_linear(module):
+                chosen.append((path, module))
+            elif type(module).__name__ == "Conv1D":
+                skipped_conv1d.append(path)
+            continue
+        if not _select(selector, path) or any(path.startswith(p + ".") for p in blocks):
+            continue
+        if _is_plain_linear(module):
+            chosen.append((path, module))
+            continue
+        inside = [(f"{path}.{p}", m) for p, m in module.named_modules() if p and _is_plain_linear(m) and f"{path}.{p}" != head]
+        if not inside:
+            raise UnsupportedModuleError(
+                f"module {path!r} of type {type(module).__name__} matched modules={selector!r} but is not an nn.Linear and "
+                "holds none; only nn.Linear layers can be quantized to NF4"
+            )
+        blocks.append(path)  # a block: every nn.Linear inside it
+        chosen.extend(inside)
+    if exclude is not None:
+        chosen = [(p, m) for p, m in chosen if not _select(exclude, p)]
+    if not chosen:
+        raise TargetNotFoundError(f"quantize: modules={selector!r} matched no nn.Linear layer of {type(inner).__name__}")
+    if skipped_conv1d:
+        warnings.warn(f"quantize: {len(skipped_conv1d)} GPT-2 Conv1D layers (e.g. {skipped_conv1d[0]!r}) stay in full precision; "
+                      "only nn.Linear layers are quantized to NF4", stacklevel=3)
+    counts: dict[int, int] = {}
+    for _, p in inner.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for path, module in chosen:
+        w = module.weight
+        if counts.get(id(w), 0) > 1:
+            raise UnsupportedModuleError(f"module {path!r}: its weight is tied to another module; quantizing it would untie it "
+                                         "(exclude it, or untie it first)")
+        if w.device.type == "meta":
+            raise QuantError(f"module {path!r}: its weight is on the meta device; load the real weights before quantizing")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise QuantError(f"module {path!r}: NF4 needs a float32/bfloat16/float16 weight, got {w.dtype}")
+    return chosen
+
+
 def quantize(
     model: nn.Module,
     quant_type: str = "nf4",
@@ -241,7 +302,6 @@ def quantize(
         UnsupportedModuleError: `modules` names a layer that is not an `nn.Linear`
             (GPT-2 `Conv1D`, `nn.MultiheadAttention.out_proj`) or whose weight is tied.
     """
-    from ..inject import output_head_path
     from ..state import has_adapters, replace_module, unwrap
 
     if quant_type not in QUANT_TYPES:
@@ -262,56 +322,7 @@ def quantize(
     if has_adapters(inner):
         raise QuantError("this model already has lorakit adapters: call lorakit.quantize before lorakit.inject / load_adapter")
     bnb()  # fail before changing anything
-    head = None if include_head else output_head_path(inner)
-    selector = modules if isinstance(modules, str) else list(modules)
-    exclude = None if exclude_modules is None else (exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
-
-    chosen: list[tuple[str, nn.Module]] = []
-    blocks: list[str] = []
-    skipped_conv1d: list[str] = []
-    for path, module in inner.named_modules():
-        if not path or is_quantized_linear(module):
-            continue
-        if selector == "all-linear":
-            if path == head:
-                continue
-            if _is_plain_linear(module):
-                chosen.append((path, module))
-            elif type(module).__name__ == "Conv1D":
-                skipped_conv1d.append(path)
-            continue
-        if not _select(selector, path) or any(path.startswith(p + ".") for p in blocks):
-            continue
-        if _is_plain_linear(module):
-            chosen.append((path, module))
-            continue
-        inside = [(f"{path}.{p}", m) for p, m in module.named_modules() if p and _is_plain_linear(m) and f"{path}.{p}" != head]
-        if not inside:
-            raise UnsupportedModuleError(
-                f"module {path!r} of type {type(module).__name__} matched modules={selector!r} but is not an nn.Linear and "
-                "holds none; only nn.Linear layers can be quantized to NF4"
-            )
-        blocks.append(path)  # a block: every nn.Linear inside it
-        chosen.extend(inside)
-    if exclude is not None:
-        chosen = [(p, m) for p, m in chosen if not _select(exclude, p)]
-    if not chosen:
-        raise TargetNotFoundError(f"quantize: modules={selector!r} matched no nn.Linear layer of {type(inner).__name__}")
-    if skipped_conv1d:
-        warnings.warn(f"quantize: {len(skipped_conv1d)} GPT-2 Conv1D layers (e.g. {skipped_conv1d[0]!r}) stay in full precision; "
-                      "only nn.Linear layers are quantized to NF4", stacklevel=2)
-    counts: dict[int, int] = {}
-    for _, p in inner.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    for path, module in chosen:
-        w = module.weight
-        if counts.get(id(w), 0) > 1:
-            raise UnsupportedModuleError(f"module {path!r}: its weight is tied to another module; quantizing it would untie it "
-                                         "(exclude it, or untie it first)")
-        if w.device.type == "meta":
-            raise QuantError(f"module {path!r}: its weight is on the meta device; load the real weights before quantizing")
-        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise QuantError(f"module {path!r}: NF4 needs a float32/bfloat16/float16 weight, got {w.dtype}")
+    chosen = select_linear_layers(inner, modules, exclude_modules, include_head)
     tables: dict[str, torch.Tensor] = {}
     for path, module in chosen:
         q = make_linear4bit(module, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype, quant_type=quant_type)
@@ -430,29 +441,36 @@ def base_weight_memory(model: nn.Module) -> dict:
     Counts each distinct storage once: parameters and buffers of the base model, plus the
     quantization state of 4-bit layers. Returns a dict with
     `total_bytes`; `linear_params` / `linear_bytes` (the `nn.Linear` and 4-bit linear
-    layers, LM head excluded unless quantized); `linear_bf16_bytes` (`2 * linear_params`,
+    layers, LM head excluded unless quantized, plus `correction_bytes`: the tensors of a pinned
+    frozen correction, `lorakit.quant.qera`, which belong to the base); `linear_bf16_bytes` (`2 * linear_params`,
     what they take in bf16); `linear_bf16_ratio` (`linear_bf16_bytes / linear_bytes`);
     `other_bytes` (embeddings, norms, an unquantized head, ...); `total_bf16_bytes`
     (every base parameter in bf16) and `total_bf16_ratio`.
     """
     from ..inject import output_head_path
     from ..layers import LoraLayer, ModulesToSave
-    from ..state import unwrap
+    from ..state import get_state, has_adapters, unwrap
 
     inner = unwrap(model)
     head = output_head_path(inner)
+    pinned = get_state(inner).pinned if has_adapters(inner) else ()
     seen: set[int] = set()
     adapter_ids = set()
+    corrections = []  # a pinned frozen correction (lorakit.quant.qera) is part of the base
     for m in inner.modules():
         if isinstance(m, LoraLayer):
             for table in ("lora_A", "lora_B", "lora_magnitude_vector"):
                 if table in m._modules:
-                    adapter_ids |= {id(p) for p in m._modules[table].parameters()}
+                    for name, t in m._modules[table].items():
+                        tensors = list(t.parameters()) if isinstance(t, nn.Module) else [t]
+                        adapter_ids |= {id(p) for p in tensors}
+                        if name in pinned:
+                            corrections += tensors
         if isinstance(m, ModulesToSave):
             adapter_ids |= {id(p) for p in m.modules_to_save.parameters()}
 
-    def add(t: torch.Tensor | None) -> int:
-        if t is None or id(t) in adapter_ids:
+    def add(t: torch.Tensor | None, base: bool = False) -> int:
+        if t is None or (id(t) in adapter_ids and not base):
             return 0
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         if key in seen:
@@ -486,9 +504,12 @@ def base_weight_memory(model: nn.Module) -> dict:
                 other_bytes += b
             if b and isinstance(t, nn.Parameter):
                 logical_params += t.numel()
+    correction_bytes = sum(add(t, base=True) for t in corrections)
+    linear_bytes += correction_bytes
     total = linear_bytes + other_bytes
     return {
         "total_bytes": total,
+        "correction_bytes": correction_bytes,
         "linear_params": linear_params,
         "linear_bytes": linear_bytes,
         "linear_bf16_bytes": 2 * linear_params,

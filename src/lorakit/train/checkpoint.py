@@ -278,6 +278,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 # ---------------------------------------------------------------------- the recipe of a resumed run
+def _with_old_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recipe recorded before a field existed keeps the behaviour it was trained with."""
+    return {"qera_rank": 0, **recorded}  # recorded before the NF4 correction existed: plain QLoRA
+
+
 def check_resume_recipe(recorded: dict[str, Any], recipe, step: int, where: Path) -> list[str]:
     """Check that `recipe` may continue a checkpoint trained with `recorded` to `recipe.steps`.
 
@@ -289,7 +294,7 @@ def check_resume_recipe(recorded: dict[str, Any], recipe, step: int, where: Path
     from .recipe import Recipe, apply
 
     try:
-        base = apply(Recipe(), recorded)
+        base = apply(Recipe(), _with_old_defaults(recorded))
     except RecipeError as exc:
         raise CheckpointError(f"checkpoint {where} records an invalid recipe: {exc}") from None
     changed = []
@@ -325,7 +330,7 @@ def resume_recipe(path: str | Path, asked=None, overrides: dict[str, Any] | None
     if out is not None and Path(out).resolve() != run_folder.resolve():
         raise CheckpointError(f"--out {out} and --resume {path} name different folders; a resumed run writes into its own folder")
     try:
-        base = apply(Recipe(), state["recipe"])
+        base = apply(Recipe(), _with_old_defaults(state["recipe"]))
     except RecipeError as exc:
         raise CheckpointError(f"checkpoint {folder} records an invalid recipe: {exc}") from None
     recipe = apply(asked if asked is not None else base, {**overrides, "out": str(run_folder)})

@@ -50,7 +50,9 @@ class Prepared:
     """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
 
     def __init__(self, recipe: Recipe, log: Callable[[str], None] = _stderr, *, threads: int | None = None,
-                 device: tuple[torch.device, torch.dtype | None] | None = None):
+                 device: tuple[torch.device, torch.dtype | None] | None = None, correct: bool = False):
+        """`correct`: with `quantize: nf4` and `qera_rank > 0`, pin the frozen QERA correction (training
+        needs it; a saved adapter already holds it)."""
         self.recipe = recipe
         self.threads = set_threads(threads if threads is not None else recipe.threads)
         self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
@@ -74,7 +76,9 @@ class Prepared:
                                                 labels=[str(l) for l in labels] if labels else None, seed=recipe.seed, log=log)
         self.load_seconds = time.perf_counter() - t
         self.model.to(self.device)
-        self.quantization = self.quantize(self.model)
+        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+        self.qera = None
+        self.quantization = self.quantize(self.model, correct=correct, log=log)
         if self.quantization is not None:
             q = self.quantization
             log(f"quantized {q['layers']} linear layers to {recipe.quantize.upper()} (QLoRA): {q['bits_per_param']:.4f} bits/param, "
@@ -82,19 +86,41 @@ class Prepared:
         from ..quant import base_weight_memory
 
         self.base_weights = base_weight_memory(self.model)
-        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
 
-    def quantize(self, model) -> dict[str, Any] | None:
+    def quantize(self, model, *, correct: bool = False, log: Callable[[str], None] = _stderr) -> dict[str, Any] | None:
         """QLoRA (recipe `quantize: nf4`): every linear layer but the head -> 4-bit NF4, before LoRA.
 
-        Returns the `lorakit.quant.bits_per_param` figures, or None for `quantize: none`.
+        With `correct` and `qera_rank > 0`, the frozen QERA correction is computed from the
+        first `calibration_size` training examples first and pinned beside the 4-bit layers
+        (`lorakit.quant.qera`; `self.qera` gets its report). A model for a saved adapter does not
+        need it: the saved adapter holds the correction. Returns the `bits_per_param`
+        figures, or None for `quantize: none`.
         """
         if self.recipe.quantize == "none":
             return None
         from ..quant import bits_per_param, quantize
 
-        quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=self.dtype or torch.float32)
-        return bits_per_param(model).as_dict()
+        compute_dtype = self.dtype or torch.float32
+        if correct and self.recipe.qera_rank:
+            from ..quant.qera import qera_quantize
+
+            t = time.perf_counter()
+            examples = self.splits.train[:self.recipe.calibration_size]
+            b = self.recipe.eval_batch_size
+            batches = [self.task.batch(examples[i:i + b], self.device) for i in range(0, len(examples), b)]
+            report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype)
+            self.qera = {**report.as_dict(), "rank": self.recipe.qera_rank, "calibration_examples": len(examples),
+                         "seconds": time.perf_counter() - t}
+            log(f"qera: frozen rank-{self.recipe.qera_rank} corrections of the NF4 error of {len(report.layers)} layers, "
+                f"calibrated on {report.tokens:,} tokens of {len(examples)} training examples; they remove "
+                f"{100 * (1 - report.remaining):.1f}% of the layers' output error there (mean over layers); "
+                f"{self.qera['seconds']:.0f} s")
+        else:
+            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype)
+        figures = bits_per_param(model).as_dict()
+        if correct and self.qera is not None:
+            figures["qera"] = self.qera
+        return figures
 
     def fresh_model(self):
         """Another copy of the base model, loaded the same way (same seed for a new head)."""
@@ -248,7 +274,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
     is_main = dist is None or dist.is_main
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     timings: dict[str, float] = {}
-    prep = Prepared(recipe, log, threads=threads, device=device)
+    prep = Prepared(recipe, log, threads=threads, device=device, correct=True)
     timings["load_seconds"] = time.perf_counter() - t_start
     task, model, test = prep.task, prep.model, prep.splits.test
     train_fingerprint = data_mod.fingerprint(prep.splits.train)
@@ -295,7 +321,7 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
         raise CheckpointError(f"checkpoint {ckpt.folder} does not fit this model: trainable tensor {mismatch[0]!r} here, "
                               f"{mismatch[1]!r} in the checkpoint")
     trainable, total = lk.count_parameters(model)
-    adapted = sum(isinstance(m, lk.LoraLayer) for m in model.modules())
+    adapted = sum("default" in layer.lora_A for _, layer in lk.state.lora_layers(model))
     log(f"LoRA r={config.r} alpha={config.alpha} on {adapted} modules: {trainable:,} trainable of {total:,} "
         f"parameters ({100 * trainable / total:.3f}%)")
     if dist is not None:
@@ -389,6 +415,10 @@ def _run_train(recipe, log, t_start, ckpt, changed, stop_after, dist, device, sh
     timings["eval_after_seconds"] = time.perf_counter() - t
     log("after: " + _summary(after))
 
+    if prep.qera is not None:  # one adapter = trained + correction, exact: it loads on a plain NF4 base
+        from ..quant.qera import fold_corrections
+
+        fold_corrections(model)
     lk.save_adapter(model, adapter_dir)
     info = {"lorakit_version": __version__, "recipe": recipe.to_dict(), "model": prep.model_info(),
             "data": prep.split_info(), "task": task.describe(), "test_metrics": after,

@@ -67,6 +67,12 @@ class Recipe:
             quantized to 4-bit NormalFloat with double quantization after loading and before LoRA is
             injected (`lorakit.quantize`; compute dtype: fp32, or bf16 with `precision: bf16`); the
             report records the base weights' resident bytes and bits per parameter.
+        qera_rank: with `quantize: nf4`, the rank of a frozen correction of the NF4 error kept
+            beside every quantized layer (QERA, arXiv:2410.06040; `lorakit.quant.qera`): the best
+            rank-k correction of each layer's *output* error on `calibration_size` training
+            examples. LoRA trains on top of `NF4 + correction`; the saved adapter holds both
+            (it loads on a plain NF4 base). 0: the paper's plain QLoRA. Default 8.
+        calibration_size: training examples whose tokens calibrate the correction.
         save_every: write a checkpoint (adapter, optimizer, scheduler, RNG and data position,
             in `out/checkpoints/`) every N steps and after the last step; `None` (default): every
             `ceil(steps / 10)` steps; 0: no checkpoints. `lorakit train --resume OUT` continues
@@ -110,6 +116,8 @@ class Recipe:
     precision: str = "auto"
     threads: int | None = None
     quantize: str = "none"
+    qera_rank: int = 8
+    calibration_size: int = 128
     save_every: int | None = None
     parallel: str = "ddp"
     out: str | None = None
@@ -130,9 +138,10 @@ class Recipe:
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("parallel", self.parallel, PARALLEL)
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size",
+                     "calibration_size"):
             _int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "eval_every", "seed", "split_seed"):
+        for name in ("warmup_steps", "eval_every", "seed", "split_seed", "qera_rank"):
             _int(name, getattr(self, name), minimum=0)
         if self.threads is not None:
             _int("threads", self.threads, minimum=1)
@@ -159,7 +168,11 @@ class Recipe:
                 raise RecipeError(f"recipe field 'prompt_template': only {{text}} and {{choices}} may be used ({exc!r})") from None
         if self.out is not None and (not isinstance(self.out, str) or not self.out):
             raise RecipeError(f"recipe field 'out' must be a folder path, got {self.out!r}")
-        self.lora_config()  # validates the lora mapping
+        config = self.lora_config()  # validates the lora mapping
+        if self.quantize != "none" and self.qera_rank and (config.init not in ("kaiming", "gaussian") or config.use_dora):
+            raise RecipeError(f"recipe field 'qera_rank': the frozen NF4 correction cannot be combined with "
+                              f"{'lora.use_dora' if config.use_dora else 'lora.init_lora_weights=' + repr(config.init)} "
+                              "(they read the base weight without it); set qera_rank: 0")
 
     def lora_config(self):
         """The `lorakit.LoraConfig` of this recipe. Raises `RecipeError` for a bad `lora` mapping."""
