@@ -207,3 +207,15 @@ def test_recipe_qera_fields():
     assert load_recipe("sentiment", {"quantize": "nf4", "qera_rank": 0, "lora": {"use_dora": True}}).lora["use_dora"]
     with pytest.raises(RecipeError, match="calibration_size"):
         load_recipe("sentiment", {"calibration_size": 0})
+
+
+def test_corrections_added_after_an_adapter_keep_it_active_and_mixed_batches_are_refused():
+    corrections, _ = error_corrections(tiny_llama(), calibration(), rank=4)
+    model = tiny_llama()
+    lk.quantize(model, "nf4")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    add_corrections(model, corrections)
+    assert lk.active_adapters(model) == ("default", "qera")
+    with pytest.raises(lk.LoraError, match="pinned"):
+        with lk.mixed_batch(model, ["default", None]):
+            pass

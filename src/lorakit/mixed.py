@@ -110,6 +110,9 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         raise LoraError("mixed_batch does not support DoRA adapters")
     if any(set(w.adapter_names) & used for _, w in save_wrappers(model)):
         raise LoraError("mixed_batch does not support adapters with modules_to_save copies")
+    if state.pinned:
+        raise LoraError(f"mixed_batch would leave out the pinned adapter(s) {list(state.pinned)} (a frozen NF4 correction): "
+                        "fold them into the adapters first (lorakit.quant.fold_corrections)")
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise MergeError("mixed_batch needs unmerged adapters: call lorakit.unmerge(model) first")

@@ -250,7 +250,7 @@ def add_corrections(model: nn.Module, corrections: Mapping[str, Correction], *, 
     from ..config import LoraConfig
     from ..inject import inject, set_active
     from ..layers.base import LoraLayer
-    from ..state import get_state, lora_layers
+    from ..state import get_state, has_adapters, lora_layers
 
     modules = dict(model.named_modules())
     for path, c in corrections.items():
@@ -263,6 +263,7 @@ def add_corrections(model: nn.Module, corrections: Mapping[str, Correction], *, 
                              "(quantize with the same blocksize and double_quant)")
     if not corrections:
         raise QuantError("no corrections to add")
+    previous = get_state(model).active if has_adapters(model) else ()
     k = max(c.rank for c in corrections.values())
     other = {re.escape(p): c.rank for p, c in corrections.items() if c.rank != k}
     config = LoraConfig(r=k, alpha=float(k), target_modules=list(corrections), rank_pattern=other,
@@ -278,7 +279,7 @@ def add_corrections(model: nn.Module, corrections: Mapping[str, Correction], *, 
                 t.requires_grad_(False)
     state = get_state(model)
     state.pinned = tuple(dict.fromkeys(state.pinned + (adapter,)))
-    set_active(model, state.active)
+    set_active(model, previous)  # whatever was active before, and the pinned ones
     return len(corrections)
 
 
