@@ -219,3 +219,49 @@ def test_corrections_added_after_an_adapter_keep_it_active_and_mixed_batches_are
     with pytest.raises(lk.LoraError, match="pinned"):
         with lk.mixed_batch(model, ["default", None]):
             pass
+
+
+def test_fold_keeps_trained_modules_to_save(tmp_path):
+    model, _ = corrected()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # stands in for training
+    ids = tokens()
+    before = logits(model, ids)
+    fold_corrections(model)
+    assert lk.state.get_state(model).configs["default"].modules_to_save == ["lm_head"]
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
+    lk.save_adapter(model, tmp_path / "a")
+    fresh = tiny_llama(intermediate_size=128)
+    lk.quantize(fresh, "nf4")
+    lk.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh, ids), before, rtol=0, atol=1e-5)
+
+
+def test_error_corrections_refuse_quantized_or_adapted_models_bad_ranks_and_batches():
+    quantized = tiny_llama()
+    lk.quantize(quantized, "nf4")
+    with pytest.raises(lk.quant.QuantError, match="already has 4-bit layers"):
+        qera_quantize(quantized, calibration())
+    adapted = tiny_llama()
+    lk.inject(adapted, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(lk.quant.QuantError, match="already has lorakit adapters"):
+        qera_quantize(adapted, calibration())
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    for rank, needle in ((2.5, "integer"), (True, "integer"), (0, "integer"), (17, "above the smallest dimension")):
+        with pytest.raises(lk.quant.QuantError, match=needle):
+            qera_quantize(model, calibration(), rank=rank)
+    with pytest.raises(lk.quant.QuantError, match="list of dicts"):
+        qera_quantize(model, [tokens()])
+    with pytest.raises(lk.quant.QuantError, match="damping"):
+        qera_quantize(model, calibration(), damping=float("nan"))
+    assert_same_state(model, snap)
+    assert not lk.state.has_adapters(model)
+
+
+def test_save_adapters_leaves_the_pinned_correction_out(tmp_path):
+    model, _ = corrected()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapters(model, tmp_path / "all")
+    assert (tmp_path / "all" / "adapter_config.json").exists() and not (tmp_path / "all" / "qera").exists()

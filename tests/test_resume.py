@@ -306,7 +306,9 @@ def test_nan_before_any_checkpoint_says_so(tiny, monkeypatch, tmp_path, capsys):
     {"task": "classify-head", "lora": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"]}},
     {"lora": {"target_modules": "all-linear", "use_rslora": True, "bias": "lora_only"}, "weight_decay": 0.1, "schedule": "linear"},
     {"quantize": "nf4", "calibration_size": 16, "lora": {"target_modules": ["q_proj", "v_proj"]}},  # + frozen qera correction
-], ids=["dora", "head-modules-to-save", "all-linear-rslora-bias", "nf4-qera"])
+    {"quantize": "nf4", "calibration_size": 16, "task": "classify-head",  # the head stays unquantized, trained in full
+     "lora": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"]}},
+], ids=["dora", "head-modules-to-save", "all-linear-rslora-bias", "nf4-qera", "nf4-qera-head"])
 def test_resume_is_bitwise_for_variants(tiny, tmp_path, changes):
     fields = dict(steps=4, save_every=0, grad_accum=2, **changes)
     full, split = tmp_path / "full", tmp_path / "split"
@@ -315,6 +317,10 @@ def test_resume_is_bitwise_for_variants(tiny, tmp_path, changes):
     run_train(resume_recipe(split)[0], log=QUIET, resume=split)
     a, b = adapter_tensors(full), adapter_tensors(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((full / "report.json").read_text())
+    assert report["checks"]["reload_identical"] and report["checks"]["merged_predictions_equal"]
+    if "modules_to_save" in changes["lora"]:
+        assert any("score" in k for k in a)  # the trained head is in the saved adapter (also after the NF4 fold)
 
 
 def test_a_folder_holding_a_previous_run_is_refused_without_overwrite(tiny, uninterrupted, tmp_path, capsys):

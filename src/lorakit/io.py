@@ -366,8 +366,15 @@ def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torc
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Save every adapter as PEFT's `save_pretrained` does: `default` in `path`, others in `path/<name>/`."""
-    for name in get_state(model).configs:
+    """Save every adapter as PEFT's `save_pretrained` does: `default` in `path`, others in `path/<name>/`.
+
+    A pinned adapter (the frozen NF4 correction of `lorakit.quant.qera`) is part of the base and
+    is not saved; `lorakit.quant.fold_corrections` puts it into an adapter that is.
+    """
+    state = get_state(model)
+    for name in state.configs:
+        if name in state.pinned:
+            continue
         save_adapter(model, Path(path) if name == "default" else Path(path) / name, name)
     return Path(path)
 

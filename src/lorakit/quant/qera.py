@@ -120,6 +120,9 @@ def input_covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
         groups[-1].append(p)
         size += b
     batches = list(batches)
+    if not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
+        raise QuantError("calibration batches must be a list of dicts of model inputs (input_ids, attention_mask, ...), "
+                         "e.g. [{'input_ids': ids, 'attention_mask': mask}, ...]")
     out: dict[str, torch.Tensor] = {}
     tokens = 0
     was_training = model.training
@@ -180,8 +183,8 @@ def error_correction(error: torch.Tensor, covariance: torch.Tensor, r: int, *, d
     """
     if not 1 <= r <= min(error.shape):
         raise QuantError(f"correction rank must be in [1, {min(error.shape)}], got {r}")
-    if damping <= 0:
-        raise QuantError(f"damping must be > 0, got {damping}")
+    if not 0 < damping < float("inf"):  # NaN too
+        raise QuantError(f"damping must be a finite number > 0, got {damping}")
     E = error.double()
     H = covariance.double()
     scale = float(H.diagonal().mean())
@@ -215,9 +218,20 @@ def error_corrections(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     Raises:
         QuantError: no calibration tokens, a bad rank or damping; as `quantize` for the selection.
     """
-    from .nf4 import select_linear_layers
+    from ..state import has_adapters
+    from .nf4 import quantized_layers, select_linear_layers
 
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise QuantError(f"correction rank must be an integer >= 1, got {rank!r}")
+    if has_adapters(model):
+        raise QuantError("this model already has lorakit adapters: compute the corrections (qera_quantize) before lorakit.inject")
+    if quantized_layers(model):
+        raise QuantError("this model already has 4-bit layers: the corrections need the full-precision weights "
+                         "(call qera_quantize instead of lorakit.quantize, on the unquantized model)")
     chosen = select_linear_layers(model, modules, exclude_modules, include_head)
+    small = [(p, min(m.weight.shape)) for p, m in chosen if min(m.weight.shape) < rank]
+    if small:
+        raise QuantError(f"correction rank {rank} is above the smallest dimension of layer {small[0][0]!r} ({small[0][1]})")
     covariances, tokens = input_covariances(model, batches, [p for p, _ in chosen], max_bytes=max_bytes)
     corrections: dict[str, Correction] = {}
     report = QeraReport(tokens=tokens)
@@ -226,7 +240,7 @@ def error_corrections(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
         dq = dequantize_weight(quantize_weight(W, double_quant=double_quant, blocksize=blocksize))
         E = W.double() - dq.double()
         H = covariances.pop(path)
-        B0, A0, after = error_correction(E, H, min(rank, *E.shape), damping=damping)
+        B0, A0, after = error_correction(E, H, rank, damping=damping)
         before = float((E @ H * E).sum())
         corrections[path] = Correction(B0, A0, before, after, float(dq.double().sum()))
         report.layers[path] = (before, after)
@@ -290,7 +304,7 @@ def fold_corrections(model: nn.Module, adapter: str | None = None, *, correction
     the two ranks, `B = [B * scaling, B0]`, `A = [A; A0]` in float32, so it computes
     `dequant(Q) + C + delta` on a *plain* NF4 base: save it, and it loads in lorakit or
     PEFT on any bitsandbytes 4-bit model. The two sources are deleted; the new adapter
-    (trainable, active) takes `adapter`'s name. `adapter`: default the model's other adapter.
+    (trainable, active) takes `adapter`'s name and keeps its `modules_to_save` copies. `adapter`: default the model's other adapter.
 
     Returns the adapter's name. Raises `LoraError` if the model does not hold exactly the
     correction and one other adapter (or `adapter` is not it).
@@ -299,15 +313,18 @@ def fold_corrections(model: nn.Module, adapter: str | None = None, *, correction
     from ..errors import LoraError
     from ..inject import delete_adapter, set_active
     from ..inject import inject
-    from ..state import get_state, lora_layers
+    from ..state import get_state, lora_layers, save_wrappers
 
     state = get_state(model)
     others = [a for a in state.configs if a != correction]
     if correction not in state.configs or len(others) != 1 or (adapter is not None and adapter != others[0]):
         raise LoraError(f"fold_corrections needs the correction {correction!r} and one other adapter; this model has {sorted(state.configs)}")
     name = others[0]
+    trained = state.configs[name]
     combine(model, {name: 1.0, correction: 1.0}, "cat", "_folded")
-    config = state.configs["_folded"]
+    config = state.configs["_folded"].replace(modules_to_save=trained.modules_to_save)
+    saved = {path: {k: v.detach().clone() for k, v in w.modules_to_save[name].state_dict().items()}
+             for path, w in save_wrappers(model) if name in w.modules_to_save}  # trained copies (a head, ...)
     state.pinned = tuple(a for a in state.pinned if a != correction)
     for a in (name, correction):
         delete_adapter(model, a)
@@ -317,6 +334,9 @@ def fold_corrections(model: nn.Module, adapter: str | None = None, *, correction
             if name in layer.lora_A:
                 layer.lora_A[name].copy_(layer.lora_A["_folded"])
                 layer.lora_B[name].copy_(layer.lora_B["_folded"])
+        for path, w in save_wrappers(model):
+            if path in saved:
+                w.modules_to_save[name].load_state_dict(saved[path])
     delete_adapter(model, "_folded")
     set_active(model, [name])
     return name

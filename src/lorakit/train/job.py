@@ -88,7 +88,7 @@ class Prepared:
         self.base_weights = base_weight_memory(self.model)
 
     def quantize(self, model, *, correct: bool = False, log: Callable[[str], None] = _stderr) -> dict[str, Any] | None:
-        """QLoRA (recipe `quantize: nf4`): every linear layer but the head -> 4-bit NF4, before LoRA.
+        """QLoRA (recipe `quantize: nf4`): every linear layer but the head and `modules_to_save` -> 4-bit NF4, before LoRA.
 
         With `correct` and `qera_rank > 0`, the frozen QERA correction is computed from the
         first `calibration_size` training examples first and pinned beside the 4-bit layers
@@ -101,6 +101,7 @@ class Prepared:
         from ..quant import bits_per_param, quantize
 
         compute_dtype = self.dtype or torch.float32
+        exclude = self.recipe.lora_config().modules_to_save or None  # trained in full: not quantized
         if correct and self.recipe.qera_rank:
             from ..quant.qera import qera_quantize
 
@@ -108,7 +109,8 @@ class Prepared:
             examples = self.splits.train[:self.recipe.calibration_size]
             b = self.recipe.eval_batch_size
             batches = [self.task.batch(examples[i:i + b], self.device) for i in range(0, len(examples), b)]
-            report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype)
+            report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype,
+                                   exclude_modules=exclude)
             self.qera = {**report.as_dict(), "rank": self.recipe.qera_rank, "calibration_examples": len(examples),
                          "seconds": time.perf_counter() - t}
             log(f"qera: frozen rank-{self.recipe.qera_rank} corrections of the NF4 error of {len(report.layers)} layers, "
@@ -116,7 +118,7 @@ class Prepared:
                 f"{100 * (1 - report.remaining):.1f}% of the layers' output error there (mean over layers); "
                 f"{self.qera['seconds']:.0f} s")
         else:
-            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype)
+            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype, exclude_modules=exclude)
         figures = bits_per_param(model).as_dict()
         if correct and self.qera is not None:
             figures["qera"] = self.qera
