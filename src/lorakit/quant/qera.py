@@ -19,12 +19,12 @@ lorakit keeps `C = B0 A0` as a frozen adapter (default name `"qera"`, bf16, scal
 combines it with the trained adapter (concatenated ranks: exact) into one adapter that
 loads on any plain bitsandbytes NF4 base, in lorakit or PEFT.
 
-Why frozen, measured on the default recipe (SmolLM2-135M, docs/qlora.md): the correction
-cuts the KL divergence of the 4-bit model to the original from 0.377 to 0.117 (rank 8 on
-all 210 linear layers). LoftQ's SVD of `E` itself (Li et al. 2023, arXiv:2310.08659, one
-step) leaves it at 0.367. Starting the *trainable* adapter at `C` (as LoftQ/CLoQ do) gave
-75.6% after 40 steps, below plain QLoRA's 78.8%; the frozen correction gave 83.6%, the
-16/32-bit run's accuracy.
+Why frozen, measured on the default recipe (SmolLM2-135M, docs/qlora.md,
+`python -m benchmarks.nf4_error`): the correction cuts the KL divergence of the 4-bit model
+to the original from 0.404 to 0.130 (rank 8 on all 210 linear layers); LoftQ's SVD of `E`
+itself (Li et al. 2023, arXiv:2310.08659, one step) leaves it at 0.393. With LoRA on all
+linear layers, starting the *trainable* adapter at `C` (as LoftQ/CLoQ do) gave 75.6% after 40
+steps, below plain QLoRA's 78.8%; the frozen correction gave 83.6%, the 16/32-bit run's accuracy.
 """
 
 from __future__ import annotations
