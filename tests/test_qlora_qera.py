@@ -265,3 +265,12 @@ def test_save_adapters_leaves_the_pinned_correction_out(tmp_path):
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
     lk.save_adapters(model, tmp_path / "all")
     assert (tmp_path / "all" / "adapter_config.json").exists() and not (tmp_path / "all" / "qera").exists()
+
+
+def test_corrections_computed_group_by_group_are_the_same():
+    model = tiny_llama()
+    whole, r1 = error_corrections(model, calibration(), rank=3)
+    grouped, r2 = error_corrections(model, calibration(), rank=3, max_bytes=1)  # one layer per calibration pass
+    assert list(whole) == list(grouped) and r1.layers == r2.layers and r1.tokens == r2.tokens
+    for p in whole:
+        assert torch.equal(whole[p].A0, grouped[p].A0) and torch.equal(whole[p].B0, grouped[p].B0)

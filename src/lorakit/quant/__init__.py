@@ -5,10 +5,10 @@
     lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     ...train...
     merged, report = lk.quant.merge_quantized(model)   # dequantize + delta in float32 -> a dense model
+    print(report.max_abs_error)
 
 With `lk.quant.qera_quantize(model, calibration_batches)` instead of `lk.quantize`, a frozen
 low-rank correction of the NF4 error sits beside every 4-bit layer (QERA; see `lorakit.quant.qera`).
-    print(report.max_abs_error)
 
 The engine is bitsandbytes (`pip install 'lorakit[qlora]'`); see `lorakit.quant.nf4`
 for why, and docs/qlora.md. Importing this package does not import bitsandbytes:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -99,13 +99,26 @@ def input_covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     Each batch is passed as keyword arguments to `model` (a `labels` entry is dropped);
     positions where the batch's `attention_mask` is 0 (padding) are left out. Layers are
     hooked in groups whose matrices take at most `max_bytes`, one pass over `batches` per
-    group (so `batches` must be re-iterable, e.g. a list). Runs under `torch.no_grad()`.
+    group (`covariance_groups` gives them group by group). Runs under `torch.no_grad()`.
 
     Returns:
         `({path: H}, tokens)`, tokens counted per pass.
     Raises:
-        QuantError: a path that is not an `nn.Linear`, or no tokens.
+        QuantError: a path that is not an `nn.Linear`, batches that are not dicts of model
+            inputs, or no tokens.
     """
+    out: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for group, tokens in covariance_groups(model, batches, paths, max_bytes=max_bytes):
+        out.update(group)
+    return out, tokens
+
+
+def covariance_groups(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], paths: Iterable[str], *,
+                      max_bytes: int = 2**30) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """`input_covariances` one group at a time: yields `({path: H}, tokens)` for each group of
+    layers whose matrices fit in `max_bytes`, so that a caller that is done with a group
+    holds at most one group's matrices. Everything is checked before the first pass."""
     modules = dict(model.named_modules())
     paths = list(paths)
     for p in paths:
@@ -123,50 +136,48 @@ def input_covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     if not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
         raise QuantError("calibration batches must be a list of dicts of model inputs (input_ids, attention_mask, ...), "
                          "e.g. [{'input_ids': ids, 'attention_mask': mask}, ...]")
-    out: dict[str, torch.Tensor] = {}
+    for group in groups:
+        yield _covariances(model, modules, batches, group)
+
+
+def _covariances(model: nn.Module, modules: dict[str, nn.Module], batches: list, group: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """One calibration pass with the layers of `group` hooked (see `input_covariances`)."""
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+    sums = {p: torch.zeros(modules[p].in_features, modules[p].in_features, dtype=torch.float64,
+                           device=modules[p].weight.device) for p in group}
+    last: dict[str, object] = {"x": None, "xtx": None}  # q/k/v (gate/up) see one tensor: one product
+
+    def hook(path):
+        def fn(_mod, inputs, _out):
+            x = inputs[0]
+            if x is not last["x"]:
+                m = mask["m"]
+                flat = x[m] if m is not None and x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1])
+                flat = flat.float() if flat.dtype != torch.float64 else flat
+                last["x"], last["xtx"] = x, flat.T @ flat
+            sums[path] += last["xtx"]
+        return fn
+
+    handles = [modules[p].register_forward_hook(hook(p)) for p in group]
     tokens = 0
     was_training = model.training
     model.eval()
     try:
-        for group in groups:
-            mask: dict[str, torch.Tensor | None] = {"m": None}
-            sums = {p: torch.zeros(modules[p].in_features, modules[p].in_features, dtype=torch.float64,
-                                   device=modules[p].weight.device) for p in group}
-
-            last: dict[str, object] = {"x": None, "xtx": None}  # q/k/v (gate/up) see one tensor: one product
-
-            def hook(path):
-                def fn(_mod, inputs, _out):
-                    x = inputs[0]
-                    if x is not last["x"]:
-                        m = mask["m"]
-                        flat = x[m] if m is not None and x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1])
-                        flat = flat.float() if flat.dtype != torch.float64 else flat
-                        last["x"], last["xtx"] = x, flat.T @ flat
-                    sums[path] += last["xtx"]
-                return fn
-
-            handles = [modules[p].register_forward_hook(hook(p)) for p in group]
-            tokens = 0
-            try:
-                with torch.no_grad():
-                    for batch in batches:
-                        kwargs = {k: v for k, v in batch.items() if k != "labels"}
-                        am = kwargs.get("attention_mask")
-                        mask["m"] = am.bool() if am is not None else None
-                        tokens += int(am.sum()) if am is not None else int(kwargs["input_ids"].numel())
-                        model(**kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-                last.clear()
-            if tokens == 0:
-                raise QuantError("calibration batches hold no tokens")
-            for p, s in sums.items():
-                out[p] = s.div_(tokens)
+        with torch.no_grad():
+            for batch in batches:
+                kwargs = {k: v for k, v in batch.items() if k != "labels"}
+                am = kwargs.get("attention_mask")
+                mask["m"] = am.bool() if am is not None else None
+                tokens += int(am.sum()) if am is not None else int(kwargs["input_ids"].numel())
+                model(**kwargs)
     finally:
+        for h in handles:
+            h.remove()
+        last.clear()
         model.train(was_training)
-    return out, tokens
+    if tokens == 0:
+        raise QuantError("calibration batches hold no tokens")
+    return {p: s.div_(tokens) for p, s in sums.items()}, tokens
 
 
 def error_correction(error: torch.Tensor, covariance: torch.Tensor, r: int, *, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -213,7 +224,8 @@ def error_corrections(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     `double_quant` and `blocksize`. Each weight is quantized here as `quantize` will do it
     (the same bitsandbytes call, deterministic), `E = W - dequant(Q)`, `C` from
     `error_correction`. `batches`: see `input_covariances` (a few thousand tokens of
-    training data are enough). The model is not changed.
+    training data are enough). The model is not changed. Peak extra memory: one group of
+    input covariances (`max_bytes`, see `covariance_groups`) and the rank-k factors.
 
     Raises:
         QuantError: no calibration tokens, a bad rank or damping; as `quantize` for the selection.
@@ -232,18 +244,18 @@ def error_corrections(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     small = [(p, min(m.weight.shape)) for p, m in chosen if min(m.weight.shape) < rank]
     if small:
         raise QuantError(f"correction rank {rank} is above the smallest dimension of layer {small[0][0]!r} ({small[0][1]})")
-    covariances, tokens = input_covariances(model, batches, [p for p, _ in chosen], max_bytes=max_bytes)
+    modules = dict(chosen)
     corrections: dict[str, Correction] = {}
-    report = QeraReport(tokens=tokens)
-    for path, module in chosen:
-        W = module.weight.detach()
-        dq = dequantize_weight(quantize_weight(W, double_quant=double_quant, blocksize=blocksize))
-        E = W.double() - dq.double()
-        H = covariances.pop(path)
-        B0, A0, after = error_correction(E, H, rank, damping=damping)
-        before = float((E @ H * E).sum())
-        corrections[path] = Correction(B0, A0, before, after, float(dq.double().sum()))
-        report.layers[path] = (before, after)
+    report = QeraReport()
+    for covariances, report.tokens in covariance_groups(model, batches, list(modules), max_bytes=max_bytes):
+        for path, H in covariances.items():  # this group's matrices are freed before the next pass
+            W = modules[path].weight.detach()
+            dq = dequantize_weight(quantize_weight(W, double_quant=double_quant, blocksize=blocksize))
+            E = W.double() - dq.double()
+            B0, A0, after = error_correction(E, H, rank, damping=damping)
+            before = float((E @ H * E).sum())
+            corrections[path] = Correction(B0, A0, before, after, float(dq.double().sum()))
+            report.layers[path] = (before, after)
     return corrections, report
 
 

@@ -102,27 +102,23 @@ class Prepared:
 
         compute_dtype = self.dtype or torch.float32
         exclude = self.recipe.lora_config().modules_to_save or None  # trained in full: not quantized
-        if correct and self.recipe.qera_rank:
-            from ..quant.qera import qera_quantize
-
-            t = time.perf_counter()
-            examples = self.splits.train[:self.recipe.calibration_size]
-            b = self.recipe.eval_batch_size
-            batches = [self.task.batch(examples[i:i + b], self.device) for i in range(0, len(examples), b)]
-            report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype,
-                                   exclude_modules=exclude)
-            self.qera = {**report.as_dict(), "rank": self.recipe.qera_rank, "calibration_examples": len(examples),
-                         "seconds": time.perf_counter() - t}
-            log(f"qera: frozen rank-{self.recipe.qera_rank} corrections of the NF4 error of {len(report.layers)} layers, "
-                f"calibrated on {report.tokens:,} tokens of {len(examples)} training examples; they remove "
-                f"{100 * (1 - report.remaining):.1f}% of the layers' output error there (mean over layers); "
-                f"{self.qera['seconds']:.0f} s")
-        else:
+        if not (correct and self.recipe.qera_rank):
             quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype, exclude_modules=exclude)
-        figures = bits_per_param(model).as_dict()
-        if correct and self.qera is not None:
-            figures["qera"] = self.qera
-        return figures
+            return bits_per_param(model).as_dict()
+        from ..quant.qera import qera_quantize
+
+        t = time.perf_counter()
+        examples = self.splits.train[:self.recipe.calibration_size]
+        b = self.recipe.eval_batch_size
+        batches = [self.task.batch(examples[i:i + b], self.device) for i in range(0, len(examples), b)]
+        report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype, exclude_modules=exclude)
+        self.qera = {**report.as_dict(), "rank": self.recipe.qera_rank, "calibration_examples": len(examples),
+                     "seconds": time.perf_counter() - t}
+        log(f"qera: frozen rank-{self.recipe.qera_rank} corrections of the NF4 error of {len(report.layers)} layers, "
+            f"calibrated on {report.tokens:,} tokens of {len(examples)} training examples; they remove "
+            f"{100 * (1 - report.remaining):.1f}% of the layers' output error there (mean over layers); "
+            f"{self.qera['seconds']:.0f} s")
+        return {**bits_per_param(model).as_dict(), "qera": self.qera}
 
     def fresh_model(self):
         """Another copy of the base model, loaded the same way (same seed for a new head)."""

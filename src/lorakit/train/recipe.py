@@ -168,8 +168,10 @@ class Recipe:
                 raise RecipeError(f"recipe field 'prompt_template': only {{text}} and {{choices}} may be used ({exc!r})") from None
         if self.out is not None and (not isinstance(self.out, str) or not self.out):
             raise RecipeError(f"recipe field 'out' must be a folder path, got {self.out!r}")
+        from ..variants.pissa import is_weight_init
+
         config = self.lora_config()  # validates the lora mapping
-        if self.quantize != "none" and self.qera_rank and (config.init not in ("kaiming", "gaussian") or config.use_dora):
+        if self.quantize != "none" and self.qera_rank and (is_weight_init(config.init) or config.use_dora):
             raise RecipeError(f"recipe field 'qera_rank': the frozen NF4 correction cannot be combined with "
                               f"{'lora.use_dora' if config.use_dora else 'lora.init_lora_weights=' + repr(config.init)} "
                               "(they read the base weight without it); set qera_rank: 0")
