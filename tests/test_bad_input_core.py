@@ -217,9 +217,9 @@ def test_base_weights_in_adapter_file_must_match_the_model(tmp_path):
 
 
 def test_edited_json_of_a_lorakit_adapter_is_validated_and_a_difference_reported(saved):
-    """lorakit's files carry their config inside the weights file too (it matches the tensors even
-    if a save stopped between the two renames). An edit of the json must not pass silently: an
-    invalid json is an error, a valid but different one a warning naming the fields."""
+    """The json is what PEFT, vLLM and transformers read, so lorakit loads what it says. An invalid
+    json is an error; one that contradicts the tensors is refused naming the field (issue 14, fault 5);
+    a valid, consistent edit loads as the json says, with a warning naming what differs from the save."""
     cfg = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpah": 3}))
     model = tiny_llama()
@@ -229,11 +229,15 @@ def test_edited_json_of_a_lorakit_adapter_is_validated_and_a_difference_reported
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": -1}))
     with pytest.raises(lk.ConfigError, match="lora_alpha"):
         lk.load_adapter(model, saved)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2, "lora_alpha": 3}))
-    with pytest.warns(UserWarning, match=r"r: 2 in the json, 4 saved with the tensors; alpha: 3.* saved with the tensors"):
+    with pytest.raises(lk.AdapterLoadError, match=r"contradicts the tensors \(r=2 in adapter_config.json, 4 saved with the tensors"):
+        lk.load_adapter(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not lk.adapter_names(model)
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 3}))
+    with pytest.warns(UserWarning, match=r"alpha=3 in adapter_config.json, 8(\.0)? saved with the tensors"):
         lk.load_adapter(model, saved)
     from lorakit.state import get_state
 
     config = get_state(model).configs["default"]
-    assert (config.r, config.alpha) == (4, 8)
+    assert (config.r, config.alpha) == (4, 3)

@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .combine import CombineReport, combine
-from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, unload
+from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, set_trainable, unload
 from .io import adapter_state_dict, load_adapter, load_adapters, read_adapter, read_config, save_adapter, save_adapters
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import count_parameters, merge, merge_and_unload, unmerge
@@ -35,7 +35,7 @@ __all__ = [
     "LoraConfig",
     "LoraError", "ConfigError", "TargetNotFoundError", "UnsupportedModuleError", "AdapterLoadError",
     "AdapterNotFoundError", "AdapterExistsError", "MergeError",
-    "inject", "set_active", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
+    "inject", "set_active", "set_trainable", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
     "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
     "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,23 +20,42 @@ from .errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
 # `init` values; "pissa_niter_<k>" (randomised SVD with k subspace iterations) is accepted as well.
-INIT_METHODS = ("kaiming", "gaussian", "pissa", "olora")
+# "random" (PEFT's `init_lora_weights=False`) makes B non-zero: a fresh adapter changes the outputs (tests only).
+INIT_METHODS = ("kaiming", "gaussian", "random", "pissa", "olora")
 
-# Keys of PEFT's LoraConfig (0.21) that lorakit reads as plain metadata, or accepts
-# only at their "feature off" value. Anything else in a config file is an error, so
-# a typo such as `lora_alpah` cannot silently fall back to a default.
-_PEFT_METADATA_KEYS = {
-    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "fan_in_fan_out", "megatron_core", "qalora_group_size",
+# Every field of PEFT's LoraConfig (0.21), classified; tests/test_peft_vocabulary.py introspects PEFT's
+# dataclass so that a field added to PEFT fails the test until it is placed here.
+#   honoured: read into a LoraConfig field (renamed where lorakit's name differs)
+PEFT_HONOURED = {
+    "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+    "exclude_modules": "exclude_modules", "bias": "bias", "use_rslora": "use_rslora",
+    "modules_to_save": "modules_to_save", "init_lora_weights": "init", "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    "use_dora": "use_dora", "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
 }
-_PEFT_OFF_KEYS = {  # key -> values meaning "not used"
-    "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({}, None),
-    "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
-    "velora_config": (None,), "alora_invocation_tokens": (None,), "use_qalora": (False, None),
-    "monteclora_config": (None,), "layer_replication": (None,), "lora_bias": (False, None),
-    "target_parameters": (None, []), "use_bdlora": (None, False), "arrow_config": (None,),
-    "kasa_config": (None,), "ensure_weight_tying": (False, None),
+#   ignored: cannot change the outputs of a loaded adapter, whatever its value
+PEFT_IGNORED = {
+    "peft_type": "checked to be LORA", "auto_mapping": "PEFT's model-class hint", "peft_version": "metadata",
+    "revision": "of the base model on the Hub", "inference_mode": "trainability is set by load_adapter(trainable=...)",
+    "fan_in_fan_out": "derived from the layer (GPT-2 Conv1D stores its weight (in, out)); PEFT corrects it the same way",
+    "megatron_core": "a module name, used only with megatron_config",
+    "qalora_group_size": "used only with use_qalora", "runtime_config": "runtime only; PEFT drops it from files",
+    "loftq_config": "initialisation only", "eva_config": "initialisation only", "corda_config": "initialisation only",
+    "lora_ga_config": "initialisation only",
 }
+#   refused unless off: a feature lorakit does not implement; its "off" values are accepted
+PEFT_REFUSED_UNLESS_OFF = {
+    "megatron_config": (None,), "trainable_token_indices": (None,), "velora_config": (None,),
+    "alora_invocation_tokens": (None,), "use_qalora": (False, None), "monteclora_config": (None,),
+    "layer_replication": (None,), "lora_bias": (False, None), "target_parameters": (None, []),
+    "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,), "ensure_weight_tying": (False, None),
+}
+# PEFT `init_lora_weights` values lorakit does not run itself. How an adapter was initialised does
+# not matter once its tensors are loaded, so a file with one of these loads as `init="kaiming"`.
+PEFT_INITS_AS_SAVED = ("eva", "orthogonal", "lora_ga", "mica")
+# ... except that these rewrote the base weight with data lorakit cannot recompute (calibration
+# activations, a quantizer): the adapter fits only that rewritten base, which PEFT saves beside it.
+PEFT_INITS_REWRITING_BASE = ("corda", "loftq")
 
 
 @dataclass
@@ -58,7 +78,9 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023,
             arXiv:2312.03732).
         init: `"kaiming"` (A Kaiming-uniform with a=sqrt(5), as `nn.Linear`; B zero,
-            paper §4.1) or `"gaussian"` (A ~ N(0, 1/r); B zero); or, replacing the
+            paper §4.1), `"gaussian"` (A ~ N(0, 1/r); B zero), `"random"` (B random too, so a
+            fresh adapter is not a no-op: for tests and debugging only; PEFT's
+            `init_lora_weights=False`); or, replacing the
             base weight by a residual, `"pissa"` / `"pissa_niter_<k>"` (top-r singular
             vectors, arXiv:2404.02948) or `"olora"` (QR, arXiv:2406.01775); see
             `lorakit.variants.pissa`.
@@ -194,7 +216,7 @@ class LoraConfig:
         `r * k` (k enabled slices, block-diagonal B), so PEFT and vLLM read it exactly;
         `lorakit_fused_slices` records the slices so that lorakit reads it back compact.
         """
-        init = {"kaiming": True}.get(self.init, self.init)
+        init = {"kaiming": True, "random": False}.get(self.init, self.init)
         rank_pattern, alpha_pattern, records = dict(self.rank_pattern), dict(self.alpha_pattern), {}
         for path, spec in (fused or {}).items():
             key, k = re.escape(path), sum(spec["enable"])
@@ -247,33 +269,27 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ConfigError("peft_type", f"lorakit reads LoRA adapters only, got {peft_type!r}")
         data = _unfuse(data)
-        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
         own = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
-            name = renames.get(key, key)
-            if name in own:
-                kwargs[name] = value
-            elif key in _PEFT_METADATA_KEYS:
+            if key in PEFT_HONOURED or key in own:
+                kwargs[PEFT_HONOURED.get(key, key)] = value
+            elif key in PEFT_IGNORED:
                 continue
-            elif key in _PEFT_OFF_KEYS:
-                if not any(value == off and type(value) is type(off) for off in _PEFT_OFF_KEYS[key]):
+            elif key in PEFT_REFUSED_UNLESS_OFF:
+                if not any(value == off and type(value) is type(off) for off in PEFT_REFUSED_UNLESS_OFF[key]):
                     raise ConfigError(key, f"this PEFT feature is not supported by lorakit (value {value!r})")
             else:
                 raise ConfigError(key, "unknown field in adapter config")
         if "init" in kwargs:
-            init = kwargs["init"]
-            if init is True:
-                kwargs["init"] = "kaiming"
-            elif init is False or not isinstance(init, str):
-                raise ConfigError("init_lora_weights", f"unsupported value {init!r}")
+            kwargs["init"] = _init_from_file(kwargs["init"])
         for key in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
         try:
             return cls(**kwargs)
         except ConfigError as exc:  # name the field as the file spells it
-            file_names = {v: k for k, v in renames.items()}
+            file_names = {v: k for k, v in PEFT_HONOURED.items()}
             own_name = exc.field.split("[", 1)[0]
             if own_name in file_names:
                 raise ConfigError(file_names[own_name] + exc.field[len(own_name):], exc.detail) from None
@@ -316,6 +332,23 @@ def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+def _init_from_file(init: Any) -> str:
+    """`init_lora_weights` as written by PEFT -> lorakit's `init` (see `PEFT_INITS_AS_SAVED`)."""
+    if init is True:
+        return "kaiming"
+    if init is False:
+        return "random"
+    if isinstance(init, str) and init.lower() in PEFT_INITS_AS_SAVED + PEFT_INITS_REWRITING_BASE:
+        if init.lower() in PEFT_INITS_REWRITING_BASE:
+            warnings.warn(f"init_lora_weights={init!r}: PEFT's {init} init rewrote the base weights; this adapter "
+                          "fits only that rewritten base model (which PEFT saves separately), not the original one",
+                          stacklevel=4)
+        return "kaiming"
+    if not isinstance(init, str):
+        raise ConfigError("init_lora_weights", f"must be true, false or an init name, got {init!r}")
+    return init
 
 
 def _unfuse(data: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,3 +57,110 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_files(folder: str | Path, files: dict[str, bytes]) -> None:
+    """Replace several files of `folder` together: any reader, after a crash at any point, sees
+    either all the old files or all the new ones.
+
+    - A new folder is written under a temporary name and renamed into place.
+    - Files whose content does not change are left alone; if at most one file changes, its
+      atomic replacement suffices.
+    - Otherwise a complete new version of the folder (the other entries carried over as hard
+      links) is swapped with the old one in one `renameat2(RENAME_EXCHANGE)` (Linux >= 3.15).
+      Where that is impossible (another OS, a file system without it, a folder holding the
+      working directory), the files are replaced one by one, in the order given.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        tmp = _new_version(folder, files, carry=None)
+        try:
+            os.rename(tmp, folder)  # fails if someone created the folder meanwhile: fall through
+            _fsync_dir(folder.parent)
+            return
+        except OSError:
+            _remove_tree(tmp)
+    changed = {name: data for name, data in files.items() if _read(folder / name) != data}
+    if len(changed) > 1 and _exchange_allowed(folder):
+        tmp = _new_version(folder, files, carry=folder)
+        if _exchange(tmp, folder):
+            _fsync_dir(folder.parent)
+            _remove_tree(tmp)
+            return
+        _remove_tree(tmp)
+    for name, data in changed.items():
+        atomic_write_bytes(folder / name, data)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _new_version(folder: Path, files: dict[str, bytes], carry: Path | None) -> Path:
+    """A temporary sibling of `folder` holding `files`, plus hard links to `carry`'s other entries."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        os.chmod(tmp, _new_file_mode(folder) | 0o111 if carry is None else folder.stat().st_mode & 0o7777)
+        if carry is not None:
+            _link_tree(carry, tmp, skip=set(files))
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    return tmp
+
+
+def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
+    for entry in os.scandir(src):
+        if entry.name in skip:
+            continue
+        target = dst / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir():
+            os.mkdir(target, entry.stat().st_mode & 0o7777)
+            _link_tree(Path(entry.path), target, skip=set())
+        else:
+            os.link(entry.path, target)
+
+
+def _exchange_allowed(folder: Path) -> bool:
+    """Not for a folder that holds the working directory (it would move away under the process)."""
+    try:
+        cwd, real = Path.cwd().resolve(), folder.resolve()
+    except OSError:
+        return False
+    return sys.platform.startswith("linux") and real != cwd and real not in cwd.parents and not folder.is_symlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (`renameat2` with `RENAME_EXCHANGE`); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_versions(folder: str | Path) -> None:
+    """Remove temporary versions of `folder` left by an interrupted `atomic_write_files`."""
+    folder = Path(folder)
+    for entry in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
+        if entry.is_dir():
+            _remove_tree(entry)

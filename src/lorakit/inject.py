@@ -16,7 +16,9 @@ from .config import LoraConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, LoraError, TargetNotFoundError, UnsupportedModuleError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, is_linear_like, wrapper_for
 from .layers.linear import SliceSpec
-from .state import drop_state, get_state, has_adapters, lora_layers, replace_module, save_wrappers, unwrap, walk
+from .state import (
+    AdapterState, drop_state, get_state, has_adapters, lora_layers, replace_module, require_adapter, save_wrappers, unwrap, walk,
+)
 from .variants import get_variant, restore_base_weight, target_problem
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -171,7 +173,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     the adapter to an existing wrapper), creates A `(r, in)` and B `(out, r)` per
     module (B = 0, so outputs are unchanged: paper §4.1), freezes every base
     parameter and leaves the new adapter's tensors (and `modules_to_save` copies,
-    and biases per `config.bias`) trainable.
+    and biases per `config.bias`) trainable; the other adapters, now inactive, are
+    frozen (see `set_active`).
 
     Returns:
         `model` (the same object), for chaining.
@@ -217,8 +220,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
         # biases are base tensors: keep the originals so that unload() restores them
         if all(o is not owner for o, _ in state.bias_backup):
             state.bias_backup.append((owner, owner.bias.detach().clone()))
-        owner.bias.requires_grad_(True)
-    state = get_state(inner, create=True)
     state.configs[adapter] = config
     set_active(inner, [adapter])
     return model
@@ -250,6 +251,12 @@ def set_active(model: nn.Module, adapters: str | Iterable[str]) -> None:
     """Make `adapters` (a name or a list of names, applied in order) the active set.
 
     Merged adapters that leave the active set are unmerged first (exactly).
+    Trainability follows the active set: afterwards exactly the tensors of the active
+    adapters (A, B, DoRA magnitudes, `modules_to_save` copies, biases their `bias`
+    mode trains) have `requires_grad=True`, except adapters marked frozen (loaded with
+    `trainable=False`, pinned corrections, or `set_trainable(..., False)`); every other
+    adapter's tensors are frozen, so an optimizer over `requires_grad` parameters and
+    DDP see only what the forward uses.
 
     Raises:
         AdapterNotFoundError: a name the model does not have.
@@ -258,13 +265,47 @@ def set_active(model: nn.Module, adapters: str | Iterable[str]) -> None:
     state = get_state(model)
     names += [p for p in state.pinned if p not in names]
     for n in names:
-        if n not in state.configs:
-            raise AdapterNotFoundError(f"no adapter named {n!r}; this model has {sorted(state.configs)}")
+        require_adapter(model, n)
     for _, layer in lora_layers(model):
         layer.set_active(names)
     for _, wrapper in save_wrappers(model):
         wrapper.set_active(names)
     state.active = tuple(names)
+    _apply_trainability(unwrap(model), state)
+
+
+def set_trainable(model: nn.Module, adapter: str, trainable: bool = True) -> None:
+    """Mark adapter `adapter` trainable (the default) or frozen; its tensors need grad only while it is active.
+
+    Raises:
+        AdapterNotFoundError: unknown name.
+    """
+    require_adapter(model, adapter)
+    state = get_state(model)
+    if trainable:
+        state.frozen.discard(adapter)
+    else:
+        state.frozen.add(adapter)
+    _apply_trainability(unwrap(model), state)
+
+
+def _apply_trainability(model: nn.Module, state: AdapterState) -> None:
+    """`requires_grad` = active and not frozen, for every adapter tensor (see `set_active`)."""
+    training = {n for n in state.active if n not in state.frozen and n not in state.pinned}
+    for _, layer in lora_layers(model):
+        for name in layer.adapter_names:
+            for t in layer.adapter_parameters(name).values():
+                t.requires_grad_(name in training)
+    for _, wrapper in save_wrappers(model):
+        for name, copy in wrapper.modules_to_save.items():
+            for p in copy.parameters():
+                p.requires_grad_(name in training)
+    biases = set()
+    for name in training:
+        adapted = {path for path, layer in lora_layers(model) if name in layer.lora_A}
+        biases |= {id(owner) for owner, _ in trainable_biases(model, state.configs[name].bias, adapted)}
+    for owner, _ in state.bias_backup:
+        owner.bias.requires_grad_(id(owner) in biases)
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
@@ -280,26 +321,27 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base outputs.
 
-    Merged adapters are unmerged (bit-exact) on entry and merged again on exit;
-    the previous active/merged state is restored even if the block raises.
+    Merged adapters are unmerged (bit-exact) on entry. On exit every layer and
+    `modules_to_save` wrapper gets back exactly the state it had on entry (disabled
+    or not, which adapters merged), even if the block raises; so nested blocks
+    leave the outer one disabled.
     """
-    layers = [layer for _, layer in lora_layers(model)]
-    wrappers = [w for _, w in save_wrappers(model)]
-    merged = [(layer, layer.merged_adapters) for layer in layers if layer.merged_adapters]
-    for layer in layers:
+    layers = [(layer, layer.disabled, layer.merged_adapters) for _, layer in lora_layers(model)]
+    wrappers = [(w, w.disabled) for _, w in save_wrappers(model)]
+    for layer, _, _ in layers:
         layer.unmerge()
         layer.set_disabled(True)
-    for w in wrappers:
+    for w, _ in wrappers:
         w.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.set_disabled(False)
-        for layer, names in merged:
-            layer.merge(names)
-        for w in wrappers:
-            w.disabled = False
+        for layer, was_disabled, merged in layers:
+            layer.set_disabled(was_disabled)
+            if merged:
+                layer.merge(merged)
+        for w, was_disabled in wrappers:
+            w.disabled = was_disabled
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
@@ -327,6 +369,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             if not wrapper.adapter_names:
                 replace_module(inner, path, wrapper.original_module)
     del state.configs[adapter]
+    state.frozen.discard(adapter)
     state.pinned = tuple(a for a in state.pinned if a != adapter)
     set_active(inner, [a for a in state.active if a != adapter])
 

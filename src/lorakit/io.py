@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_files, remove_stale_versions
 from .inject import check_adapter_name, delete_adapter, inject, plan, set_active, trainable_biases, unload
 from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.linear import LoraLinear, SliceSpec
@@ -39,9 +39,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-# The config is also stored in the weights file's metadata: the weights file is
-# renamed into place first, so after a crash between the two renames the folder
-# still describes one consistent version (the new one).
+# The config is also stored in the weights file's metadata, so that a json edited (or written by
+# another tool) to contradict the tensors is refused naming the field that changed.
 META_CONFIG = "lorakit_adapter_config"
 BASE_BIAS = "<trained base bias>"  # tag of bias tensors trained by `bias="all"/"lora_only"`
 
@@ -102,8 +101,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
     `adapter=None` means the adapter named "default", else the model's only adapter.
 
     Only the adapter's tensors are written (never base weights), in their training
-    dtype. Each file is replaced atomically, weights first, so a crash mid-save
-    leaves a loadable folder (the old version, or the new one).
+    dtype. The two files are replaced together (`lorakit.fileio.atomic_write_files`):
+    after a crash at any point every reader (lorakit, PEFT, vLLM) finds the old pair or
+    the new one, never a mix.
 
     Returns:
         The folder path.
@@ -111,17 +111,26 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
         AdapterNotFoundError: the model has no adapter `adapter`.
         LoraError: `path` exists and is not a folder.
     """
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise LoraError(f"cannot save adapter to {folder}: it exists and is not a folder")
+    check_folder(path)
     adapter = resolve_adapter(model, adapter)
-    tensors = adapter_state_dict(model, adapter)
     config, fan_in_fan_out, fused = _config_for_file(model, adapter)
-    config_json = config.to_json(fan_in_fan_out, fused)
-    folder.mkdir(parents=True, exist_ok=True)
+    return write_adapter_files(path, adapter_state_dict(model, adapter), config.to_json(fan_in_fan_out, fused))
+
+
+def check_folder(path: str | Path) -> None:
+    """Raise `LoraError` if `path` exists and is not a folder (an adapter cannot be saved there)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise LoraError(f"cannot save adapter to {path}: it exists and is not a folder")
+
+
+def write_adapter_files(path: str | Path, tensors: dict[str, torch.Tensor], config_json: str) -> Path:
+    """Write the pair (weights, config) into folder `path`, replacing both together (see `save_adapter`)."""
+    folder = Path(path)
+    check_folder(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_versions(folder)
     data = safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json})
-    atomic_write_bytes(folder / WEIGHTS_NAME, canonical_safetensors(data))
-    atomic_write_text(folder / CONFIG_NAME, config_json)
+    atomic_write_files(folder, {WEIGHTS_NAME: canonical_safetensors(data), CONFIG_NAME: config_json.encode("utf-8")})
     return folder
 
 
@@ -148,8 +157,9 @@ class AdapterFiles:
     """A read and checked adapter folder."""
 
     folder: Path
-    config: LoraConfig
+    config: LoraConfig  # from adapter_config.json
     tensors: dict[str, torch.Tensor]
+    saved_config: LoraConfig | None = None  # the config lorakit saved inside the weights file, when it differs
 
 
 def read_adapter(path: str | Path) -> AdapterFiles:
@@ -185,26 +195,27 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterLoadError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
     config_file = folder / CONFIG_NAME
-    embedded = metadata.get(META_CONFIG)
-    if embedded is not None:
-        # lorakit's own files: the config saved inside the weights file matches its tensors, also
-        # when a save stopped between the two renames. An edited json must still be valid, and a
-        # real difference is reported.
-        config = _parse_config(embedded, weights)
-        if config_file.is_file():
-            text = config_file.read_text(encoding="utf-8", errors="replace")
-            if text != embedded:
-                _warn_config_differs(_parse_config(text, config_file), config, config_file, weights)
-    elif config_file.is_file():
-        config = _parse_config(config_file.read_text(encoding="utf-8", errors="replace"), config_file)
-    else:
+    if not config_file.is_file():
         raise AdapterLoadError(f"no {CONFIG_NAME} in {folder}")
+    # the json is what PEFT, vLLM and transformers read, so it is what lorakit loads too
+    config = _parse_config(config_file.read_text(encoding="utf-8", errors="replace"), config_file)
+    saved = _saved_config(metadata.get(META_CONFIG))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point")
         if not torch.isfinite(tensor).all():
             raise AdapterLoadError(f"{weights}: tensor {key!r} contains NaN or Inf values")
-    return AdapterFiles(folder, config, tensors)
+    return AdapterFiles(folder, config, tensors, saved if saved != config else None)
+
+
+def _saved_config(text: str | None) -> LoraConfig | None:
+    """The config lorakit stored inside the weights file (None if absent or unreadable)."""
+    if text is None:
+        return None
+    try:
+        return LoraConfig.from_json(text)
+    except (ConfigError, TypeError):
+        return None
 
 
 def _parse_config(text: str, source: Path) -> LoraConfig:
@@ -216,13 +227,13 @@ def _parse_config(text: str, source: Path) -> LoraConfig:
         raise ConfigError("adapter_config", f"{exc} (in {source})") from None
 
 
-def _warn_config_differs(on_disk: LoraConfig, saved: LoraConfig, config_file: Path, weights: Path) -> None:
-    diff = [f"{f.name}: {getattr(on_disk, f.name)!r} in the json, {getattr(saved, f.name)!r} saved with the tensors"
-            for f in dataclasses.fields(LoraConfig) if getattr(on_disk, f.name) != getattr(saved, f.name)]
-    if diff:
-        warnings.warn(f"{config_file} differs from the config lorakit saved inside {weights} ({'; '.join(diff)}); "
-                      "using the latter, which matches the tensors (the json was edited, or a save was interrupted). "
-                      "To change an adapter's config, load it, change it and save it again.", stacklevel=3)
+def config_differences(files: AdapterFiles) -> str:
+    """How the json differs from the config lorakit saved with the tensors ("" when it does not)."""
+    if files.saved_config is None:
+        return ""
+    return "; ".join(f"{f.name}={getattr(files.config, f.name)!r} in {CONFIG_NAME}, {getattr(files.saved_config, f.name)!r} "
+                     "saved with the tensors" for f in dataclasses.fields(LoraConfig)
+                     if getattr(files.config, f.name) != getattr(files.saved_config, f.name))
 
 
 def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
@@ -312,8 +323,8 @@ def load_adapter(
 
     Injects the adapter's layers if needed, checks every key, shape, dtype and value
     against the model and the config *before* changing anything, then copies the
-    tensors in. The loaded adapter is trainable unless `trainable=False`. It becomes
-    active if it is the model's first adapter (pinned ones, `lorakit.quant.qera`, aside),
+    tensors in. The loaded adapter is trainable while active unless `trainable=False`
+    (see `lorakit.set_active` for the rule). It becomes active if it is the model's first adapter (pinned ones, `lorakit.quant.qera`, aside),
     or if `activate=True`.
 
     Returns:
@@ -327,7 +338,16 @@ def load_adapter(
     check_adapter_name(model, adapter)
     files = read_adapter(path)
     inner = unwrap(model)
-    p, expected = _expected_tensors(inner, files, adapter)
+    differences = config_differences(files)
+    try:
+        p, expected = _expected_tensors(inner, files, adapter)
+    except AdapterLoadError as exc:
+        if differences:  # the json was edited (or written by another tool) against the tensors
+            raise AdapterLoadError(f"{files.folder / CONFIG_NAME} contradicts the tensors ({differences}): {exc}") from None
+        raise
+    if differences:
+        warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors ({differences}); "
+                      "loading what the json says, as PEFT and vLLM do", stacklevel=2)
 
     first = not has_adapters(inner)
     previous_active = () if first else get_state(inner).active
@@ -340,8 +360,6 @@ def load_adapter(
             target = _target_tensor(inner, path_, attr, adapter)
             with torch.no_grad():
                 target.copy_(tensor.to(dtype=target.dtype, device=target.device))
-            if isinstance(target, nn.Parameter):
-                target.requires_grad_(trainable)
     except BaseException:
         if first:
             unload(inner)
@@ -349,6 +367,8 @@ def load_adapter(
             delete_adapter(inner, adapter)
             set_active(inner, previous_active)
         raise
+    if not trainable:
+        get_state(inner).frozen.add(adapter)
     set_active(inner, [adapter] if (first or only_pinned or activate) else previous_active)
     return model
 

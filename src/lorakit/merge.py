@@ -7,6 +7,7 @@ once; unmerge writes `W0` back bit for bit; merging twice is a no-op.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 from typing import Iterable
@@ -20,27 +21,37 @@ from .layers import LoraLayer
 from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers, unwrap
 
 
-def _untie_if_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
-    """Give a layer about to be merged its own weight if the weight is tied to another module.
+def _untie_if_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]], warn: bool = True) -> None:
+    """Give a layer about to be merged its own copy of a weight it shares with another module.
 
     Writing a merged weight into a tied tensor would also change the other module
-    (e.g. the input embedding tied to the LM head), so the tie is broken, with a warning.
+    (e.g. the input embedding tied to the LM head), so the layer merges into a copy;
+    the shared tensor is kept on the layer and `unmerge` ties it back (see `LoraLayer.unmerge`).
     """
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for path, layer in layers:
         w = layer.base_layer.weight
         if counts[id(w)] > 1:
-            warnings.warn(
-                f"{path}.weight is tied to another module; merging unties it (the other module keeps the base weight)",
-                stacklevel=3,
-            )
-            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-            if layer._weight_backup is not None and layer._weight_backup.data_ptr() == w.data_ptr():
-                layer._weight_backup = layer._weight_backup.clone()
-            config = getattr(model, "config", None)
-            if config is not None and getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
+            if warn:
+                warnings.warn(f"{path}.weight is tied to another module; while merged it has its own copy "
+                              "(the other module keeps the base weight; unmerge ties them again)", stacklevel=3)
+            layer.untie_weight()
             counts[id(w)] -= 1
+
+
+def _untie_config(model: nn.Module, paths: list[str]) -> None:
+    """After tied weights were merged for good: a copy of the model's config that no longer ties.
+
+    The config object may be shared with other models built from it, so it is replaced, not edited.
+    """
+    config = getattr(model, "config", None)
+    if not paths or config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    model.config = copy.deepcopy(config)
+    model.config.tie_word_embeddings = False
+    warnings.warn(f"{', '.join(paths)}: merged into a weight tied to another module, which keeps the base weight; "
+                  "the model gets its own copy of its config with tie_word_embeddings=False (the original "
+                  "config object is unchanged)", stacklevel=3)
 
 
 def _active_subset(model: nn.Module, adapters: Iterable[str] | None) -> tuple[str, ...]:
@@ -95,7 +106,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         return merge_quantized(inner)[0]
     names = get_state(inner).active
     layers = list(lora_layers(inner))
-    _untie_if_shared(inner, [(p, layer) for p, layer in layers if any(n in layer.lora_A for n in names)])
+    _untie_if_shared(inner, [(p, layer) for p, layer in layers if any(n in layer.lora_A for n in names)], warn=False)
+    _untie_config(inner, [p for p, layer in layers if layer.tied_weight is not None])
     for path, layer in layers:
         use = [n for n in names if n in layer.lora_A]
         if use:

@@ -22,6 +22,8 @@ class AdapterState:
     active: tuple[str, ...] = ()
     # adapters that stay active whatever set_active asks (a frozen correction of the base: lorakit.quant.qera)
     pinned: tuple[str, ...] = ()
+    # adapters whose tensors stay frozen even while active (loaded with trainable=False; pinned ones)
+    frozen: set[str] = field(default_factory=set)
     # (module, original bias) for biases a `bias="all"/"lora_only"` adapter trains
     bias_backup: list = field(default_factory=list)
 

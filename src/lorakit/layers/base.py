@@ -69,6 +69,9 @@ class LoraLayer(nn.Module):
         # Kept precomputed so forward has no per-call selection logic.
         self._forward_adapters: tuple[str, ...] = ()
         self._weight_backup: torch.Tensor | None = None
+        # the base weight this layer shares with another module (tied embeddings), while it merges into a copy
+        self.tied_weight: nn.Parameter | None = None
+        self.shares_weight = False  # set once a merge found the weight tied: every later merge unties first
         self._mixed = None  # a `lorakit.mixed.MixedRows` inside `mixed_batch`, else None
 
     # ------------------------------------------------------------------ kind-specific
@@ -99,7 +102,7 @@ class LoraLayer(nn.Module):
         return (r, self.in_features), (self.out_features, r)
 
     def init_lora(self, name: str, init: str) -> None:
-        """Initialise A and B so that the update is zero (paper §4.1)."""
+        """Initialise A and B so that the update is zero (paper §4.1); `init="random"`: B random too."""
         A, B = self.lora_A[name], self.lora_B[name]
         if A.device.type == "meta":
             return
@@ -108,7 +111,10 @@ class LoraLayer(nn.Module):
                 nn.init.normal_(A, std=1.0 / self.r[name])
             else:  # "kaiming", as nn.Linear initialises its weight
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+            if init == "random":  # as PEFT's init_lora_weights=False leaves B: nn.Linear's default
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`scaling * B @ A` in the base weight's layout, computed in `dtype` (default float32)."""
@@ -170,7 +176,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = dropout
         self.variants[name] = variant if variant is not None else get_variant("lora")
         self.init_lora(name, init)
-        if init not in ("kaiming", "gaussian"):  # PiSSA / OLoRA: A, B from W0, base -> residual
+        if init not in ("kaiming", "gaussian", "random"):  # PiSSA / OLoRA: A, B from W0, base -> residual
             from ..variants.pissa import init_from_weight
 
             init_from_weight(self, name, init)
@@ -237,6 +243,8 @@ class LoraLayer(nn.Module):
         new = self.to_merge(names)
         if not new:
             return
+        if self.shares_weight and self.tied_weight is None and not self.merged_adapters:
+            self.untie_weight()
         w = self.weight
         if self._weight_backup is None:
             self._weight_backup = w.detach().clone()
@@ -262,12 +270,21 @@ class LoraLayer(nn.Module):
             acc = self.variants[n].merged_weight(self, n, acc)
         return acc.to(w0.dtype)
 
+    def untie_weight(self) -> None:
+        """Merge into a copy of the base weight from now on; `unmerge` gives back the shared tensor itself."""
+        w = self.base_layer.weight
+        self.tied_weight, self.shares_weight = w, True
+        self.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
     def unmerge(self) -> None:
-        """Write the saved original weight back, bit for bit. No-op when nothing is merged."""
+        """Write the saved original weight back, bit for bit (and re-tie a tied one). No-op when nothing is merged."""
         if not self.merged_adapters:
             return
-        with torch.no_grad():
-            self.weight.copy_(self._weight_backup)
+        if self.tied_weight is not None:
+            self.base_layer.weight, self.tied_weight = self.tied_weight, None
+        else:
+            with torch.no_grad():
+                self.weight.copy_(self._weight_backup)
         self._weight_backup = None
         self.merged_adapters = ()
         self._refresh()

@@ -33,7 +33,10 @@ class LoraEmbedding(LoraLayer):
         if A.device.type == "meta":
             return
         with torch.no_grad():
-            nn.init.zeros_(A)
+            if init == "random":
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
             nn.init.normal_(B)
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -216,24 +216,15 @@ def convert_pissa_to_lora(model: nn.Module, path: str | Path, adapter: str = "de
     Raises:
         LoraError: as `pissa_to_lora`, or `path` exists and is not a folder.
     """
-    from safetensors.torch import save as safetensors_save
+    from ..io import _config_for_file, check_folder, write_adapter_files
 
-    from ..fileio import atomic_write_bytes, atomic_write_text
-    from ..io import CONFIG_NAME, META_CONFIG, WEIGHTS_NAME, _config_for_file
-
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise LoraError(f"cannot save adapter to {folder}: it exists and is not a folder")
+    check_folder(path)
     converted, tensors = pissa_to_lora(model, adapter)
     file_config, fan_in_fan_out, _ = _config_for_file(model, adapter)
     converted = converted.replace(
         target_modules=file_config.target_modules, base_model_name_or_path=file_config.base_model_name_or_path
     )
-    config_json = converted.to_json(fan_in_fan_out)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_save(tensors, metadata={"format": "pt", META_CONFIG: config_json}))
-    atomic_write_text(folder / CONFIG_NAME, config_json)
-    return folder
+    return write_adapter_files(path, tensors, converted.to_json(fan_in_fan_out))
 
 
 __all__ = ["is_weight_init", "init_from_weight", "restore_original_weight", "pissa_to_lora", "convert_pissa_to_lora"]
