@@ -28,7 +28,8 @@ import torch
 
 
 def main(argv=None) -> dict:
-    from lorakit.quant.nf4 import dequantize_weight, quantize_weight, select_linear_layers
+    from lorakit.ops.nf4 import dequantize_weight, quantize_weight
+    from lorakit.quant import select_linear_layers
     from lorakit.quant.qera import error_corrections
     from lorakit.train.job import Prepared
     from lorakit.train.recipe import load_recipe

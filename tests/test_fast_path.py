@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers.fused import dropout_keep_mask, lora_linear
+from lorakit.ops.fused import dropout_keep_mask, lora_linear
 
 from helpers import randomize_lora, tiny_gpt2, tiny_llama, tokens
 

@@ -119,7 +119,7 @@ def test_combine_linear_same_rank_targets():
 
 @pytest.mark.parametrize("length", [9, 1])  # q_proj (2 adapters): 9 tokens gathered, 1 token dense
 def test_mixed_batch_equals_per_row_runs(length):
-    from lorakit.mixed import DENSE_MAX
+    from lorakit.layers.rows import DENSE_MAX
 
     model = _two_adapters()
     lk.inject(model, lk.LoraConfig(r=3, alpha=3, target_modules=["k_proj", "up_proj"]), adapter="c")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.quant.layer import LoraLinear4bit
+from lorakit.layers import LoraLinear4bit
 
 from helpers import logits, randomize_lora, tiny_llama, tokens
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.quant.layer import LoraLinear4bit
+from lorakit.layers import LoraLinear4bit
 
 from helpers import logits, tiny_llama, tokens
 

@@ -20,25 +20,28 @@ from .errors import (
 )
 from .combine import CombineReport, combine
 from .inject import active_adapters, adapter_names, delete_adapter, disabled, inject, set_active, set_trainable, unload
-from .io import adapter_state_dict, load_adapter, load_adapters, read_adapter, read_config, save_adapter, save_adapters
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .io import (
+    adapter_state_dict, convert_pissa_to_lora, load_adapter, load_adapters, pissa_to_lora, read_adapter, read_config,
+    save_adapter, save_adapters,
+)
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraLinear4bit, ModulesToSave
+from .loraplus import loraplus_param_groups
 from .merge import count_parameters, merge, merge_and_unload, unmerge
 from .mixed import mixed_batch
 from . import quant
 from .quant import quantize
-from .variants.loraplus import loraplus_param_groups
-from .variants.pissa import convert_pissa_to_lora, pissa_to_lora
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "LoraConfig",
     "LoraError", "ConfigError", "TargetNotFoundError", "UnsupportedModuleError", "AdapterLoadError",
     "AdapterNotFoundError", "AdapterExistsError", "MergeError",
     "inject", "set_active", "set_trainable", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
     "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
-    "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict",
-    "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
+    "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config",
+    "adapter_state_dict",
+    "LoraLayer", "LoraLinear", "LoraLinear4bit", "LoraEmbedding", "LoraConv", "ModulesToSave",
     "loraplus_param_groups", "convert_pissa_to_lora", "pissa_to_lora",
     "quantize", "quant",
 ]

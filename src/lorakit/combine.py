@@ -77,14 +77,7 @@ def combine(
     inner = unwrap(model)
     layers = [(p, layer) for p, layer in lora_layers(inner) if any(n in layer.lora_A for n in weights)]
     if method == "linear":
-        for p, layer in layers:
-            ranks = {n: layer.r.get(n) for n in weights}
-            if None in ranks.values() or len(set(ranks.values())) != 1:
-                raise LoraError(
-                    f"combine(method='linear') needs every adapter on every module with one rank; at {p!r} ranks are {ranks}. "
-                    "Use method='cat' (exact) or 'svd'"
-                )
-
+        _check_linear(layers, weights)
     report = CombineReport(method)
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for p, layer in layers:
@@ -124,6 +117,15 @@ def combine(
     return report
 
 
+def _check_linear(layers, weights) -> None:
+    """`linear` is defined only for adapters on the same modules with one rank."""
+    for p, layer in layers:
+        ranks = {n: layer.r.get(n) for n in weights}
+        if None in ranks.values() or len(set(ranks.values())) != 1:
+            raise LoraError(f"combine(method='linear') needs every adapter on every module with one rank; at {p!r} "
+                            f"ranks are {ranks}. Use method='cat' (exact) or 'svd'")
+
+
 def _exact(path: str) -> str:
     """A pattern key for `path` (PEFT matches keys against dotted path suffixes)."""
     return re.escape(path)
@@ -143,7 +145,8 @@ def _cat(layer: LoraLayer, names, weights):
 
 def _linear(layer: LoraLayer, names, weights):
     A = sum(layer.lora_A[n].float() * math.sqrt(abs(weights[n] * layer.scaling[n])) for n in names)
-    B = sum(layer.lora_B_dense(n).float() * math.copysign(math.sqrt(abs(weights[n] * layer.scaling[n])), weights[n]) for n in names)
+    B = sum(layer.lora_B_dense(n).float() * math.copysign(math.sqrt(abs(weights[n] * layer.scaling[n])),
+                                                          weights[n]) for n in names)
     return A, B
 
 

@@ -37,7 +37,7 @@ PEFT_HONOURED = {
 PEFT_IGNORED = {
     "peft_type": "checked to be LORA", "auto_mapping": "PEFT's model-class hint", "peft_version": "metadata",
     "revision": "of the base model on the Hub", "inference_mode": "trainability is set by load_adapter(trainable=...)",
-    "fan_in_fan_out": "derived from the layer (GPT-2 Conv1D stores its weight (in, out)); PEFT corrects it the same way",
+    "fan_in_fan_out": "derived from the layer (GPT-2 Conv1D stores its weight (in, out)); PEFT corrects it alike",
     "megatron_core": "a module name, used only with megatron_config",
     "qalora_group_size": "used only with use_qalora", "runtime_config": "runtime only; PEFT drops it from files",
     "loftq_config": "initialisation only", "eva_config": "initialisation only", "corda_config": "initialisation only",
@@ -125,10 +125,12 @@ class LoraConfig:
     task_type: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (tuple, set, frozenset)):
-            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, (set, frozenset)) else list(self.target_modules)
-        if isinstance(self.exclude_modules, (tuple, set, frozenset)):
-            self.exclude_modules = sorted(self.exclude_modules) if isinstance(self.exclude_modules, (set, frozenset)) else list(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):  # sets become sorted lists (a stable file), tuples lists
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
         if isinstance(self.modules_to_save, (tuple, set, frozenset)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, (tuple, range)):
@@ -140,7 +142,8 @@ class LoraConfig:
         """Check every field; raise `ConfigError` naming the first bad one."""
         _positive_int("r", self.r)
         _positive_number("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout,
+                                                            (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be a number in [0, 1), got {self.dropout!r}")
         _module_selector("target_modules", self.target_modules, required=True)
         _module_selector("exclude_modules", self.exclude_modules, required=False)
@@ -150,11 +153,13 @@ class LoraConfig:
         if not isinstance(self.init, str) or not (
             self.init in INIT_METHODS or re.fullmatch(r"pissa_niter_\d+", self.init)
         ):
-            raise ConfigError("init", f"must be one of {', '.join(INIT_METHODS)} or 'pissa_niter_<k>', got {self.init!r}")
+            raise ConfigError("init",
+                              f"must be one of {', '.join(INIT_METHODS)} or 'pissa_niter_<k>', got {self.init!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError("bias", f"must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            if not isinstance(self.modules_to_save,
+                              list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise ConfigError("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
         for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
             pattern = getattr(self, name)
@@ -174,7 +179,8 @@ class LoraConfig:
             if not isinstance(items, list) or not items or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
             ):
-                raise ConfigError("layers_to_transform", f"must be a layer index or a non-empty list of indices >= 0, got {layers!r}")
+                raise ConfigError("layers_to_transform",
+                                  f"must be a layer index or a non-empty list of indices >= 0, got {layers!r}")
         if self.layers_pattern is not None:
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern", "only has a meaning together with layers_to_transform")
@@ -326,6 +332,15 @@ def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def matches(selector: list[str] | str, path: str) -> bool:
+    """The module-matching rule of `target_modules`, `exclude_modules`, `modules_to_save` (PEFT's):
+    a string is a regex matched against the whole dotted path (`re.fullmatch`); a list matches a
+    path equal to one of its names or ending in `"." + name`."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    return any(path == t or path.endswith("." + t) for t in selector)
+
+
 def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
     """First key of `patterns` whose regex matches the end of `path` at a dot boundary (PEFT's rule)."""
     for key in patterns:
@@ -382,13 +397,19 @@ def _unfuse(data: dict[str, Any]) -> dict[str, Any]:
 def _slices(name: str, value: Any) -> None:
     if isinstance(value, dict):
         sizes, enable = value.get("sizes"), value.get("enable")
-        if set(value) != {"sizes", "enable"} or not isinstance(sizes, list) or not isinstance(enable, list) or len(sizes) != len(enable):
+        if (set(value) != {"sizes", "enable"} or not isinstance(sizes, list) or not isinstance(enable, list)
+                or len(sizes) != len(enable)):
             raise ConfigError(name, f"must be {{'sizes': [...], 'enable': [...]}} of equal lengths, got {value!r}")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
             raise ConfigError(name, f"sizes must be integers > 0, got {sizes!r}")
     else:
         enable = value
-    if not isinstance(enable, list) or len(enable) < 2 or not all(isinstance(e, bool) for e in enable) or not any(enable):
+    if (
+        not isinstance(enable, list)
+        or len(enable) < 2
+        or not all(isinstance(e, bool) for e in enable)
+        or not any(enable)
+    ):
         raise ConfigError(name, f"needs a list of at least two booleans with at least one true, got {enable!r}")
 
 

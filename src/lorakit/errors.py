@@ -48,3 +48,11 @@ class AdapterLoadError(LoraError):
 
 class MergeError(LoraError):
     """A merge-state operation that would corrupt the base weights."""
+
+
+class QuantError(LoraError, ValueError):
+    """Quantization asked for but impossible: bitsandbytes missing, a bad option, an unsupported weight."""
+
+
+class UsageError(LoraError, ValueError):
+    """A command-line argument or option that cannot be used (the message names it)."""

@@ -29,7 +29,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -46,7 +46,8 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: some file systems cannot sync a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -76,7 +77,7 @@ def atomic_write_files(folder: str | Path, files: dict[str, bytes]) -> None:
         tmp = _new_version(folder, files, carry=None)
         try:
             os.rename(tmp, folder)  # fails if someone created the folder meanwhile: fall through
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
             return
         except OSError:
             _remove_tree(tmp)
@@ -84,7 +85,7 @@ def atomic_write_files(folder: str | Path, files: dict[str, bytes]) -> None:
     if len(changed) > 1 and _exchange_allowed(folder):
         tmp = _new_version(folder, files, carry=folder)
         if _exchange(tmp, folder):
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
             _remove_tree(tmp)
             return
         _remove_tree(tmp)

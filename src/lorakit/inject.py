@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -12,14 +13,17 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, LoraError, TargetNotFoundError, UnsupportedModuleError
-from .layers import LoraLayer, LoraLinear, ModulesToSave, is_linear_like, wrapper_for
-from .layers.linear import SliceSpec
-from .state import (
-    AdapterState, drop_state, get_state, has_adapters, lora_layers, replace_module, require_adapter, save_wrappers, unwrap, walk,
+from .config import LoraConfig, matches
+from .errors import AdapterExistsError, LoraError, TargetNotFoundError, UnsupportedModuleError
+from .layers import (
+    LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, SliceSpec, is_linear_like, wrapper_for,
 )
-from .variants import get_variant, restore_base_weight, target_problem
+from .state import (
+    AdapterState, drop_state, get_state, has_adapters, lora_layers, replace_module, require_adapter, save_wrappers,
+    tied_names, unwrap, walk,
+)
+from .variants import get_variant
+from .variants.pissa import init_from_weight, is_weight_init, restore_original_weight
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -30,12 +34,6 @@ class Plan:
 
     targets: list[tuple[str, nn.Module]]  # (path, module or existing LoraLayer)
     saves: list[tuple[str, nn.Module]]  # (path, module or existing ModulesToSave)
-
-
-def _matches(selector: list[str] | str, path: str) -> bool:
-    if isinstance(selector, str):
-        return re.fullmatch(selector, path) is not None
-    return any(path == t or path.endswith("." + t) for t in selector)
 
 
 def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -68,7 +66,8 @@ def _target_error(model: nn.Module, config: LoraConfig, paths: list[str]) -> Tar
     else:
         hint = "names match whole dotted suffixes of module paths"
         wanted = targets
-    close = sorted({c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5)})
+    close = sorted({c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=4,
+                                                                         cutoff=0.5)})
     msg = f"target_modules {targets!r} matched no module of {type(model).__name__} ({hint})"
     if close:
         msg += f"; close candidates: {close}"
@@ -87,86 +86,130 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     """
     model = unwrap(model)
     modules = list(walk(model))
-    paths = [p for p, _ in modules]
-    saves_sel = config.modules_to_save or []
-    head = output_head_path(model) if config.target_modules == "all-linear" else None
-
-    targets: list[tuple[str, nn.Module]] = []
-    for path, module in modules:
-        if config.target_modules == "all-linear":
-            hit = is_linear_like(module) and path != head
-        else:
-            hit = _matches(config.target_modules, path)
-        if not hit:
-            continue
-        if config.exclude_modules and _matches(config.exclude_modules, path):
-            continue
-        if saves_sel and _matches(saves_sel, path):
-            continue
-        if any(path.startswith(p + ".") for p, _ in targets):
-            continue  # inside a module already targeted
-        if config.layers_to_transform is not None:
-            idx = _layer_index(path, config.layers_pattern)
-            wanted = config.layers_to_transform
-            wanted = [wanted] if isinstance(wanted, int) else wanted
-            if idx is None or idx not in wanted:
-                continue
-        targets.append((path, module))
-
+    targets = _select_targets(model, config, modules)
     if not targets:
-        raise _target_error(model, config, paths)
+        raise _target_error(model, config, [p for p, _ in modules])
     for path, module in targets:
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if isinstance(module, ModulesToSave) or wrapper_for(base) is None:
-            raise UnsupportedModuleError(
-                f"module {path!r} of type {type(base).__module__}.{type(base).__name__} matched target_modules "
-                f"{config.target_modules!r} but cannot be adapted (supported: Linear, GPT-2 Conv1D, Embedding, Conv1d/2d/3d); "
-                "narrow target_modules or add it to exclude_modules"
-            )
-        problem = wrapper_for(base).check_rank(base, config.rank_for(path))
-        slices = config.slices_for(path)
-        if slices is not None:
-            if wrapper_for(base) is not LoraLinear:
-                problem = f"fused_slices needs a Linear or Conv1D layer, not {type(base).__name__}"
-            else:
-                try:
-                    SliceSpec.resolve(slices, LoraLinear(base).out_features, "cpu")
-                except ValueError as exc:
-                    problem = f"fused_slices: {exc}"
-        problem = problem or target_problem(model, config, path, module)  # variant / init (DoRA, PiSSA, OLoRA)
+        problem = _target_problem(model, config, path, module)
         if problem:
             raise UnsupportedModuleError(f"module {path!r}: {problem}")
     if isinstance(config.target_modules, list):
-        unused = [t for t in config.target_modules if not any(_matches([t], p) for p, _ in targets)]
+        unused = [t for t in config.target_modules if not any(matches([t], p) for p, _ in targets)]
         if unused:
             warnings.warn(f"target_modules {unused} matched no module of {type(model).__name__}", stacklevel=3)
     target_paths = [p for p, _ in targets]
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field):
             if not any(re.match(rf"(.*\.)?({key})$", p) for p in target_paths):
-                raise TargetNotFoundError(f"{field} key {key!r} matches no targeted module (targets include {target_paths[:3]})")
+                raise TargetNotFoundError(f"{field} key {key!r} matches no targeted module (targets include "
+                                          f"{target_paths[:3]})")
+    return Plan(targets, _select_saves(model, config, modules))
 
+
+def _select_targets(model: nn.Module, config: LoraConfig,
+                    modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The `(path, module)` pairs `config.target_modules` selects, after the exclusions."""
+    head = output_head_path(model) if config.target_modules == "all-linear" else None
+    wanted = config.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    targets: list[tuple[str, nn.Module]] = []
+    for path, module in modules:
+        if config.target_modules == "all-linear":
+            hit = is_linear_like(module) and path != head
+        else:
+            hit = matches(config.target_modules, path)
+        if not hit or (config.exclude_modules and matches(config.exclude_modules, path)):
+            continue
+        if (config.modules_to_save and matches(config.modules_to_save,
+                                               path)) or any(path.startswith(p + ".") for p, _ in targets):
+            continue  # a module trained in full, or inside a module already targeted
+        if wanted is not None and _layer_index(path, config.layers_pattern) not in wanted:
+            continue
+        targets.append((path, module))
+    return targets
+
+
+def _target_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.Module) -> str | None:
+    """Why the selected module at `path` cannot carry this adapter (None if it can)."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    cls = wrapper_for(base)
+    if isinstance(module, ModulesToSave) or cls is None:
+        return (f"type {type(base).__module__}.{type(base).__name__} matched target_modules "
+                f"{config.target_modules!r} but "
+                "cannot be adapted (supported: Linear, GPT-2 Conv1D, Embedding, Conv1d/2d/3d); narrow target_modules "
+                "or add "
+                "it to exclude_modules")
+    problem = cls.check_rank(base, config.rank_for(path))
+    slices = config.slices_for(path)
+    if problem is None and slices is not None:
+        if cls is not LoraLinear:
+            return f"fused_slices needs a Linear or Conv1D layer, not {type(base).__name__}"
+        try:
+            SliceSpec.resolve(slices, cls.features(base)[1], "cpu")
+        except ValueError as exc:
+            return f"fused_slices: {exc}"
+    if problem is None and config.use_dora and "dora" not in cls.supported_variants:
+        return f"DoRA (use_dora) supports Linear, GPT-2 Conv1D and Embedding layers, not {cls.__name__}"
+    return problem or _weight_init_problem(model, config, path, module)
+
+
+def _weight_init_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.Module) -> str | None:
+    """Why a PiSSA/OLoRA `config.init` cannot start from the weight of the module at `path` (None if it can)."""
+    if not is_weight_init(config.init):
+        return None
+    existing = module if isinstance(module, LoraLayer) else None
+    base = existing.base_layer if existing is not None else module
+    what = f"init={config.init!r} replaces the base weight by a residual"
+    if existing is not None and existing.adapter_names:
+        return (f"{what}, but the module already carries adapters {list(existing.adapter_names)}; use it on modules "
+                "without adapters")
+    cls = wrapper_for(base)
+    if cls not in (LoraLinear, LoraEmbedding, LoraConv):
+        return f"{what}; supported: Linear, GPT-2 Conv1D, Embedding, ungrouped Conv"
+    if cls is LoraConv and base.groups != 1:
+        return f"{what}; grouped convolutions (groups={base.groups}) are not supported"
+    if config.slices_for(path) is not None:
+        return f"{what}; not supported together with fused_slices"
+    w = base.weight
+    if not w.is_floating_point():
+        return f"{what}; the weight has dtype {w.dtype}, a floating-point weight is needed"
+    out_f = w.shape[0] if cls is LoraConv else cls.features(base)[1]
+    r = config.rank_for(path)
+    if r > min(out_f, w.numel() // out_f):
+        return f"{what}; rank {r} exceeds min(out, in) = {min(out_f, w.numel() // out_f)} of the weight"
+    shared = tied_names(model, w)
+    if len(shared) > 1:
+        return f"{what}; its weight is tied to {shared} and would change there too (untie it first)"
+    return None
+
+
+def _select_saves(model: nn.Module, config: LoraConfig,
+                  modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The `modules_to_save` `(path, module)` pairs; raises if an entry matches nothing or an adapted layer."""
     saves: list[tuple[str, nn.Module]] = []
-    for name in saves_sel:
-        found = [(p, m) for p, m in modules if _matches([name], p)]
+    for name in config.modules_to_save or []:
+        found = [(p, m) for p, m in modules if matches([name], p)]
         if not found:
             raise TargetNotFoundError(f"modules_to_save entry {name!r} matched no module of {type(model).__name__}")
         for p, m in found:
             if isinstance(m, LoraLayer):
-                raise UnsupportedModuleError(f"modules_to_save entry {name!r} names {p!r}, which already carries a LoRA adapter")
+                raise UnsupportedModuleError(f"modules_to_save entry {name!r} names {p!r}, which already carries a "
+                                             "LoRA adapter")
             if not any(p == q for q, _ in saves):
                 saves.append((p, m))
-    return Plan(targets, saves)
+    return saves
 
 
 def check_adapter_name(model: nn.Module, adapter: str) -> None:
     if not isinstance(adapter, str) or not _ADAPTER_NAME.fullmatch(adapter):
         raise LoraError(f"adapter name must be letters, digits, '_' or '-', got {adapter!r}")
     if has_adapters(model) and adapter in get_state(model).configs:
-        raise AdapterExistsError(f"this model already has an adapter named {adapter!r}; pick another name or delete_adapter it first")
+        raise AdapterExistsError(f"this model already has an adapter named {adapter!r}; pick another name or "
+                                 "delete_adapter it first")
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, plan_: Plan | None = None) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, plan_: Plan | None = None,
+           variant: str | None = None) -> nn.Module:
     """Add LoRA adapter `adapter` to `model` in place and make it the active adapter.
 
     Replaces every module selected by `config` with its `LoraLayer` wrapper (or adds
@@ -174,22 +217,26 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     module (B = 0, so outputs are unchanged: paper §4.1), freezes every base
     parameter and leaves the new adapter's tensors (and `modules_to_save` copies,
     and biases per `config.bias`) trainable; the other adapters, now inactive, are
-    frozen (see `set_active`).
+    frozen (see `set_active`). `variant`: the name of a registered variant
+    (`lorakit.variants.register_variant`); default `"dora"` with `config.use_dora`, else `"lora"`.
 
     Returns:
         `model` (the same object), for chaining.
 
     Raises:
-        ConfigError, TargetNotFoundError, UnsupportedModuleError, AdapterExistsError:
-        all before the model is changed.
+        ConfigError, TargetNotFoundError, UnsupportedModuleError, AdapterExistsError, LoraError
+        (an unknown variant): all before the model is changed.
     """
     config.validate()
     check_adapter_name(model, adapter)
+    strategy = get_variant(variant or ("dora" if config.use_dora else "lora"))
     inner = unwrap(model)
     p = plan_ if plan_ is not None else plan(inner, config)
-    variant = get_variant("dora" if config.use_dora else "lora")
+    # PiSSA / OLoRA: A, B from W0 and the base rewritten to the residual, before the variant's own init
+    weight_init = functools.partial(init_from_weight, init=config.init) if is_weight_init(config.init) else None
 
-    lora_params = {id(t) for _, layer in lora_layers(inner) for a in layer.adapter_names for t in layer.adapter_parameters(a).values()}
+    lora_params = {id(t) for _, layer in lora_layers(inner) for a in layer.adapter_names
+                   for t in layer.adapter_parameters(a).values()}
     lora_params |= {id(t) for _, w in save_wrappers(inner) for t in w.modules_to_save.parameters()}
     for param in inner.parameters():
         if id(param) not in lora_params:
@@ -205,9 +252,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
             alpha=config.alpha_for(path),
             scaling=config.scaling_for(path),
             dropout=config.dropout,
-            init=config.init,
-            variant=variant,
+            init="kaiming" if weight_init else config.init,
+            variant=strategy,
             slices=config.slices_for(path),
+            weight_init=weight_init,
         )
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
@@ -351,17 +399,18 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         AdapterNotFoundError: unknown name.
         LoraError: it is the last adapter (use `unload` to remove all adapters).
     """
+    require_adapter(model, adapter)
     state = get_state(model)
-    if adapter not in state.configs:
-        raise AdapterNotFoundError(f"no adapter named {adapter!r}; this model has {sorted(state.configs)}")
     if len(state.configs) == 1:
-        raise LoraError(f"{adapter!r} is the model's last adapter; use lorakit.unload(model) to return to the base model")
+        raise LoraError(
+            f"{adapter!r} is the model's last adapter; use lorakit.unload(model) to return to the base model"
+        )
     inner = unwrap(model)
     for path, layer in list(lora_layers(inner)):
         if adapter in layer.lora_A:
             layer.delete_adapter(adapter)
             if not layer.adapter_names:
-                restore_base_weight(layer)  # a PiSSA/OLoRA residual goes back to the original weight
+                restore_original_weight(layer)  # a PiSSA/OLoRA residual goes back to the original weight
                 replace_module(inner, path, layer.base_layer)
     for path, wrapper in list(save_wrappers(inner)):
         if adapter in wrapper.modules_to_save:
@@ -383,7 +432,7 @@ def unload(model: nn.Module) -> nn.Module:
     inner = unwrap(model)
     for path, layer in list(lora_layers(inner)):
         layer.unmerge()
-        restore_base_weight(layer)  # PiSSA/OLoRA: the original weight, not the residual
+        restore_original_weight(layer)  # PiSSA/OLoRA: the original weight, not the residual
         replace_module(inner, path, layer.base_layer)
     for path, wrapper in list(save_wrappers(inner)):
         replace_module(inner, path, wrapper.original_module)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
 from .fileio import atomic_write_files, remove_stale_versions
 from .inject import check_adapter_name, delete_adapter, inject, plan, set_active, trainable_biases, unload
-from .layers import LoraLayer, ModulesToSave, wrapper_for
-from .layers.linear import LoraLinear, SliceSpec
+from .layers import LoraLayer, LoraLinear, ModulesToSave, SliceSpec, wrapper_for
+from .variants.dora import MAGNITUDE
+from .variants.pissa import init_record, is_weight_init
 from .state import get_state, has_adapters, lora_layers, require_adapter, save_wrappers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -177,14 +179,16 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         if folder.name == CONFIG_NAME or folder.suffix == ".safetensors":
             folder = folder.parent
         else:
-            raise AdapterLoadError(f"adapter path {folder} is a file; pass the adapter folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise AdapterLoadError(f"adapter path {folder} is a file; pass the adapter folder (holding {CONFIG_NAME} "
+                                   f"and {WEIGHTS_NAME})")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickles = [p for p in PICKLE_NAMES if (folder / p).exists()]
         if pickles:
             raise AdapterLoadError(
                 f"{folder / pickles[0]} is a pickle file, which can run arbitrary code when loaded; lorakit loads only "
-                f"safetensors. If you trust its source, convert it once: `python -c \"import torch, safetensors.torch as s; "
+                "safetensors. If you trust its source, convert it once: "
+                "`python -c \"import torch, safetensors.torch as s; "
                 f"s.save_file(torch.load('{folder / pickles[0]}', weights_only=True), '{weights}')\"`"
             )
         raise AdapterLoadError(f"no {WEIGHTS_NAME} in {folder}")
@@ -193,7 +197,8 @@ def read_adapter(path: str | Path) -> AdapterFiles:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterLoadError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
+        raise AdapterLoadError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or "
+                               "corrupted") from None
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise AdapterLoadError(f"no {CONFIG_NAME} in {folder}")
@@ -202,7 +207,8 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     saved = _saved_config(metadata.get(META_CONFIG))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point")
+            raise AdapterLoadError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be "
+                                   "floating point")
         if not torch.isfinite(tensor).all():
             raise AdapterLoadError(f"{weights}: tensor {key!r} contains NaN or Inf values")
     return AdapterFiles(folder, config, tensors, saved if saved != config else None)
@@ -231,9 +237,10 @@ def config_differences(files: AdapterFiles) -> str:
     """How the json differs from the config lorakit saved with the tensors ("" when it does not)."""
     if files.saved_config is None:
         return ""
-    return "; ".join(f"{f.name}={getattr(files.config, f.name)!r} in {CONFIG_NAME}, {getattr(files.saved_config, f.name)!r} "
-                     "saved with the tensors" for f in dataclasses.fields(LoraConfig)
-                     if getattr(files.config, f.name) != getattr(files.saved_config, f.name))
+    ours, saved = files.config, files.saved_config
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if getattr(ours, f.name) != getattr(saved, f.name)]
+    return "; ".join(f"{n}={getattr(ours, n)!r} in {CONFIG_NAME}, {getattr(saved, n)!r} saved with the tensors"
+                     for n in fields)
 
 
 def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
@@ -250,17 +257,19 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
     expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     slice_specs: dict[str, SliceSpec] = {}
     for path, module in p.targets:
-        layer = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        cls = wrapper_for(base)  # shapes come from the kind and the base; no layer is built here
+        out_features = cls.features(base)[1]
         rank, slices = config.rank_for(path), config.slices_for(path)
         if slices is not None:  # stored dense (rank r * k) in the file
-            slice_specs[path] = SliceSpec.resolve(slices, layer.out_features, "cpu")
+            slice_specs[path] = SliceSpec.resolve(slices, out_features, "cpu")
             rank *= slice_specs[path].k
-        shape_a, shape_b = layer.lora_shapes(rank)
-        key_a, key_b = layer.file_keys
+        shape_a, shape_b = cls.shapes(base, rank)
+        key_a, key_b = cls.file_keys
         expected[f"{PREFIX}{path}.{key_a}"] = (path, "lora_A", tuple(shape_a))
         expected[f"{PREFIX}{path}.{key_b}"] = (path, "lora_B", tuple(shape_b))
         if config.use_dora:
-            expected[f"{PREFIX}{path}.lora_magnitude_vector"] = (path, "lora_magnitude_vector", (layer.out_features,))
+            expected[f"{PREFIX}{path}.{MAGNITUDE}"] = (path, MAGNITUDE, (out_features,))
     for path, module in p.saves:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for name, tensor in original.state_dict().items():
@@ -288,7 +297,8 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         if key not in expected:
             hint = "" if key.startswith(PREFIX) else f" (PEFT keys start with {PREFIX!r})"
             raise AdapterLoadError(
-                f"{weights}: unexpected key {key!r}{hint}: no module of {type(model).__name__} selected by the adapter's config "
+                f"{weights}: unexpected key {key!r}{hint}: no module of {type(model).__name__} selected by the "
+                "adapter's config "
                 "(target_modules / modules_to_save) has it"
             )
         shape = expected[key][2]
@@ -307,7 +317,8 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
             raise AdapterLoadError(f"{weights}: tensor {key!r}: {exc} (config fused_slices {spec.as_dict()})") from None
     missing = [k for k in expected if k not in files.tensors]
     if missing:
-        raise AdapterLoadError(f"{weights}: missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise AdapterLoadError(f"{weights}: missing key {missing[0]!r}{more}")
     return p, expected
 
 
@@ -324,8 +335,8 @@ def load_adapter(
     Injects the adapter's layers if needed, checks every key, shape, dtype and value
     against the model and the config *before* changing anything, then copies the
     tensors in. The loaded adapter is trainable while active unless `trainable=False`
-    (see `lorakit.set_active` for the rule). It becomes active if it is the model's first adapter (pinned ones, `lorakit.quant.qera`, aside),
-    or if `activate=True`.
+    (see `lorakit.set_active` for the rule). It becomes active if it is the model's first
+    adapter (pinned ones, `lorakit.quant.qera`, aside), or if `activate=True`.
 
     Returns:
         `model`.
@@ -343,10 +354,12 @@ def load_adapter(
         p, expected = _expected_tensors(inner, files, adapter)
     except AdapterLoadError as exc:
         if differences:  # the json was edited (or written by another tool) against the tensors
-            raise AdapterLoadError(f"{files.folder / CONFIG_NAME} contradicts the tensors ({differences}): {exc}") from None
+            raise AdapterLoadError(f"{files.folder / CONFIG_NAME} contradicts the tensors ({differences}): "
+                                   f"{exc}") from None
         raise
     if differences:
-        warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors ({differences}); "
+        warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors "
+                      f"({differences}); "
                       "loading what the json says, as PEFT and vLLM do", stacklevel=2)
 
     first = not has_adapters(inner)
@@ -418,9 +431,80 @@ def load_adapters(model: nn.Module, path: str | Path, *, trainable: bool = True)
     return tuple(name for name, _ in found)
 
 
+# ---------------------------------------------------------------------- PiSSA / OLoRA -> plain LoRA
+def pissa_to_lora(model: nn.Module, adapter: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The PiSSA/OLoRA adapter `adapter` as an ordinary LoRA adapter for the ORIGINAL base weights.
+
+    After training, the model computes `W_res + s B A = W0 + s (B A - B0 A0)`, so the
+    update relative to the original `W0` is a rank-`2r` LoRA with the same scaling
+    (PEFT's `path_initial_model_for_weight_conversion`):
+
+        A' = [A; A0]: (2r, in),   B' = [B, -B0]: (out, 2r),   scaling' = scaling
+
+    (`r' = 2r`; `alpha' = 2 alpha`, or `sqrt(2) alpha` with rsLoRA; rank/alpha patterns
+    likewise). A DoRA magnitude vector carries over unchanged, since
+    `W_res + s B A = W0 + s B' A'` is also the vector it normalises.
+
+    Returns:
+        `(config, tensors)`: a `LoraConfig` with `init="kaiming"` and the tensors under
+        their PEFT file keys (CPU), as `adapter_state_dict` gives them.
+    Raises:
+        AdapterNotFoundError: no such adapter.
+        LoraError: the adapter was not initialised by PiSSA/OLoRA, or a layer lacks its
+            initial factors (e.g. the model was deep-copied without them).
+    """
+    config = require_adapter(model, adapter)
+    if not is_weight_init(config.init):
+        raise LoraError(f"adapter {adapter!r} has init={config.init!r}; only PiSSA/OLoRA adapters need converting")
+    tensors = adapter_state_dict(model, adapter)
+    for path, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        record = init_record(layer)
+        factors = record.factors.get(adapter) if record is not None else None
+        if factors is None:
+            raise LoraError(f"module {path!r} has no initial {config.init} factors for adapter {adapter!r}; cannot "
+                            "convert")
+        _, A0, B0 = factors
+        key_a, key_b = (f"{PREFIX}{path}.{k}" for k in layer.file_keys)
+        A, B = tensors[key_a], tensors[key_b]
+        tensors[key_a] = torch.cat([A, A0.to(A.dtype)], dim=0).contiguous()
+        tensors[key_b] = torch.cat([B, -B0.to(B.dtype)], dim=1).contiguous()
+    factor = math.sqrt(2.0) if config.use_rslora else 2.0
+    converted = config.replace(
+        init="kaiming", r=2 * config.r, alpha=factor * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
+    )
+    return converted, tensors
+
+
+def convert_pissa_to_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
+    """Save the trained PiSSA/OLoRA adapter `adapter` as a plain rank-`2r` LoRA adapter for the original base.
+
+    The folder (PEFT layout, written as `save_adapter` writes) loads with `load_adapter`
+    or PEFT onto the unmodified base model and reproduces the trained model
+    (`W0 + scaling * (B A - B0 A0) = W_res + scaling * B A`); see `pissa_to_lora`.
+
+    Returns:
+        The folder path.
+    Raises:
+        LoraError: as `pissa_to_lora`, or `path` exists and is not a folder.
+    """
+    check_folder(path)
+    converted, tensors = pissa_to_lora(model, adapter)
+    file_config, fan_in_fan_out, _ = _config_for_file(model, adapter)
+    converted = converted.replace(
+        target_modules=file_config.target_modules, base_model_name_or_path=file_config.base_model_name_or_path
+    )
+    return write_adapter_files(path, tensors, converted.to_json(fan_in_fan_out))
+
+
 def read_config(path: str | Path) -> LoraConfig:
     """The `LoraConfig` of a saved adapter folder."""
     return read_adapter(path).config
 
 
-__all__ = ["save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config", "adapter_state_dict"]
+__all__ = ["save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config",
+           "adapter_state_dict",
+           "pissa_to_lora", "convert_pissa_to_lora"]

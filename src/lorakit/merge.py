@@ -17,8 +17,8 @@ from torch import nn
 
 from .errors import MergeError
 from .inject import unload
-from .layers import LoraLayer
-from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers, unwrap
+from .layers import LoraLayer, wrapper_for
+from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers, unwrap, walk
 
 
 def _untie_if_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]], warn: bool = True) -> None:
@@ -61,7 +61,8 @@ def _active_subset(model: nn.Module, adapters: Iterable[str] | None) -> tuple[st
     names = (adapters,) if isinstance(adapters, str) else tuple(adapters)
     for n in names:
         if n not in state.active:
-            raise MergeError(f"adapter {n!r} is not active (active: {list(state.active)}); only active adapters can be merged")
+            raise MergeError(f"adapter {n!r} is not active (active: {list(state.active)}); only active adapters can "
+                             "be merged")
     return names
 
 
@@ -95,32 +96,55 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Returns the model with exactly the base architecture: the same module types
     and state-dict keys as before `inject`, no extra FLOPs. Active
     `modules_to_save` copies replace their originals. Each merged weight is
-    rounded once from float32. 4-bit (QLoRA) layers are dequantized and merged into
-    dense `nn.Linear` layers (see `lorakit.quant.merge_quantized` for options and the
-    rounding report).
+    rounded once from float32. Each layer kind makes its own plain module
+    (`LoraLayer.merged_module`): 4-bit (QLoRA) layers are dequantized and merged into
+    dense `nn.Linear` layers, and so that the model is plain, its other 4-bit layers are
+    dequantized too (`lorakit.quant.merge_quantized` has the options and the rounding report).
     """
     inner = unwrap(model)
-    if any(getattr(layer, "quantized_base", False) for _, layer in lora_layers(inner)):
-        from .quant.merge import merge_quantized  # 4-bit base: dequantize + delta in float32 -> dense Linear
-
-        return merge_quantized(inner)[0]
     names = get_state(inner).active
     layers = list(lora_layers(inner))
     _untie_if_shared(inner, [(p, layer) for p, layer in layers if any(n in layer.lora_A for n in names)], warn=False)
     _untie_config(inner, [p for p, layer in layers if layer.tied_weight is not None])
+    densify = any(type(layer).plain_base is not LoraLayer.plain_base for _, layer in layers)
     for path, layer in layers:
-        use = [n for n in names if n in layer.lora_A]
-        if use:
-            merged = layer.merged_weight(use)
-            with torch.no_grad():
-                layer.weight.copy_(merged)
-        elif layer.merged_adapters:
-            layer.unmerge()
-        replace_module(inner, path, layer.base_layer)
+        replace_module(inner, path, layer.merged_module([n for n in names if n in layer.lora_A]))
     for path, wrapper in list(save_wrappers(inner)):
         replace_module(inner, path, wrapper.current() if not wrapper.disabled else wrapper.original_module)
     drop_state(inner)
+    if densify:
+        make_plain(inner)
     return inner
+
+
+def make_plain(model: nn.Module) -> int:
+    """Replace every base module that has a plain equivalent (a 4-bit layer: a dense `nn.Linear`) by it.
+
+    A transformers model then no longer claims to be quantized (`quantization_config` dropped).
+    Returns the number of modules replaced.
+    """
+    n = 0
+    for path, module in list(walk(model)):
+        cls = wrapper_for(module)
+        plain = cls.plain_base(module) if cls is not None and not isinstance(module, LoraLayer) else None
+        if plain is not None:
+            replace_module(model, path, plain)
+            n += 1
+    drop_quantization_config(model)
+    return n
+
+
+def drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model that no longer has 4-bit layers should not claim to be quantized."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+    for attr, value in (("hf_quantizer", None), ("is_loaded_in_4bit", False), ("is_quantized", False)):
+        if attr in model.__dict__:
+            setattr(model, attr, value)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -43,7 +43,8 @@ def get_state(model: nn.Module, create: bool = False) -> AdapterState:
     state = model.__dict__.get(_ATTR)
     if state is None:
         if not create:
-            raise LoraError(f"{type(model).__name__} has no lorakit adapters: call lorakit.inject or lorakit.load_adapter first")
+            raise LoraError(f"{type(model).__name__} has no lorakit adapters: call lorakit.inject or "
+                            "lorakit.load_adapter first")
         state = AdapterState()
         model.__dict__[_ATTR] = state
     return state
@@ -91,3 +92,8 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+
+
+def tied_names(model: nn.Module, tensor) -> list[str]:
+    """Every name under which `tensor` is a parameter of `model` (more than one: tied weights)."""
+    return [n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if p is tensor]

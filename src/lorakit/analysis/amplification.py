@@ -57,7 +57,8 @@ def amplification(delta: Any, W0: Any, r: int | None = None, *, random_trials: i
 
 
 def amplification_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W0: Any, r: int | None = None, *,
-                           random_trials: int = 10, seed: int = 0, w0_singular_values: torch.Tensor | None = None) -> dict:
+                           random_trials: int = 10, seed: int = 0,
+                           w0_singular_values: torch.Tensor | None = None) -> dict:
     """`amplification` from a precomputed thin SVD `delta = U diag(S) Vh` (`U: (out, k)`,
     `S: (k,)` descending, `Vh: (k, in)`), e.g. from `lowrank_svd(B, A, scaling)`.
     `w0_singular_values` may pass `svdvals(W0)` if already known."""

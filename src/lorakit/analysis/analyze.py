@@ -27,7 +27,8 @@ DEFINITIONS = {
                                      "(its numerical rank), independent of the split into B and A",
     "random_baseline": "E phi(i, j) against a uniformly random subspace of R^d = max(i, j) / d",
     "amplification": "||delta||_F / ||U_r^T W0 Vh_r^T||_F with U_r, Vh_r the top-r singular vectors of delta; "
-                     "proj_w0 / proj_random use W0's own top-r singular vectors / random orthonormal bases; paper section 7.3",
+                     "proj_w0 / proj_random use W0's own top-r singular vectors / random orthonormal bases; paper "
+                     "section 7.3",
     "full_finetune": "spectrum of W_ft - W0 for the adapted modules; energy_at_adapter_rank = energy_top_k at k = r",
 }
 
@@ -69,21 +70,13 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
             weight, or with a weight of a shape that does not fit the adapter.
         AnalysisError: other bad input (bad regex, `full_finetune` without `base`, ...).
     """
-    if full_finetune is not None and base is None:
-        raise AnalysisError("--full-finetune needs --base: the update analysed is W_ft - W0")
-    if random_trials < 0:
-        raise AnalysisError(f"random_trials must be >= 0, got {random_trials}")
-    if amplification_rank is not None and (isinstance(amplification_rank, bool) or not isinstance(amplification_rank, int) or amplification_rank < 1):
-        raise AnalysisError(f"amplification rank must be an integer >= 1, got {amplification_rank!r}")
-    if isinstance(keep_singular_values, bool) or not isinstance(keep_singular_values, int) or keep_singular_values < 1:
-        raise AnalysisError(f"keep_singular_values must be an integer >= 1, got {keep_singular_values!r}")
+    _check_arguments(base, full_finetune, amplification_rank, random_trials, keep_singular_values)
     adapters = [load_factors(path, modules)]
     if other is not None:
         adapters.append(load_factors(other, modules))
     labels = _labels([a.path for a in adapters])
     base_src = WeightSource(base, "--base") if base is not None else None
     warnings: list[str] = []
-
     result: dict[str, Any] = {
         "definitions": DEFINITIONS,
         "base": None if base is None else _describe(base),
@@ -95,52 +88,75 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
     svds: list[dict[str, tuple]] = []
     w0_cache: dict[str, torch.Tensor] = {}
     for label, ad in zip(labels, adapters):
-        if ad.config.use_dora:
-            warnings.append(f"{label}: DoRA adapter; the analysis is of the low-rank directional update scaling * B @ A "
-                            "(the magnitude vector is ignored)")
-        entry: dict[str, Any] = {
-            "label": label, "path": str(ad.path), "r": ad.config.r, "alpha": ad.config.alpha,
-            "use_rslora": ad.config.use_rslora, "use_dora": ad.config.use_dora,
-            "fan_in_fan_out": ad.fan_in_fan_out, "modules": {}, "skipped_keys": ad.skipped,
-        }
         svds.append({})
-        for mod_path, mod in ad.modules.items():
-            U, S, Vh = lowrank_svd(mod.B, mod.A, mod.scaling)
-            svds[-1][mod_path] = (U, S, Vh)
-            spec = spectrum_from_singular_values(S, mod.shape)
-            if spec["numerical_rank"] == 0:
-                warnings.append(f"{label}: {mod_path}: delta_weight is zero (untrained adapter?)")
-            m: dict[str, Any] = {"kind": mod.kind, "shape": list(mod.shape), "r": mod.r, "scaling": mod.scaling, "spectrum": spec}
-            if base_src is not None:
+        entry = _adapter_entry(label, ad, svds[-1], warnings)
+        if base_src is not None:
+            for mod_path, mod in ad.modules.items():
                 if mod_path not in w0_cache:
                     w0_cache[mod_path] = base_src.weight_for(mod)
-                W0 = w0_cache[mod_path]
                 r = amplification_rank if amplification_rank is not None else mod.r
-                m["amplification"] = amplification_from_svd(U, S, Vh, W0, r, random_trials=random_trials, seed=seed)
-            entry["modules"][mod_path] = m
+                entry["modules"][mod_path]["amplification"] = amplification_from_svd(
+                    *svds[-1][mod_path], w0_cache[mod_path], r, random_trials=random_trials, seed=seed)
         result["adapters"].append(entry)
-
     if len(adapters) == 2:
         result["similarity"] = _similarity(adapters, labels, svds)
-
     if full_finetune is not None:
-        ft_src = WeightSource(full_finetune, "--full-finetune")
-        mods: dict[str, Any] = {}
-        for ad in adapters:
-            for p, mod in ad.modules.items():
-                mods.setdefault(p, mod)
-        ft: dict[str, Any] = {"path": _describe(full_finetune), "modules": {}}
-        for p, mod in mods.items():
-            W0 = w0_cache[p] if p in w0_cache else base_src.weight_for(mod)
-            Wft = ft_src.weight_for(mod)
-            S = torch.linalg.svdvals(Wft - W0)
-            spec = spectrum_from_singular_values(S, mod.shape, keep=keep_singular_values)
-            cum = _energy_at(S, mod.r)
-            ft["modules"][p] = {"shape": list(mod.shape), "adapter_r": mod.r, "spectrum": spec, "energy_at_adapter_rank": cum}
-            if spec["numerical_rank"] == 0:
-                warnings.append(f"full fine-tune: {p}: W_ft - W0 is zero (same weights as --base?)")
-        result["full_finetune"] = ft
+        result["full_finetune"] = _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values,
+                                                 warnings)
     return result
+
+
+def _check_arguments(base, full_finetune, amplification_rank, random_trials, keep_singular_values) -> None:
+    if full_finetune is not None and base is None:
+        raise AnalysisError("--full-finetune needs --base: the update analysed is W_ft - W0")
+    if random_trials < 0:
+        raise AnalysisError(f"random_trials must be >= 0, got {random_trials}")
+    if amplification_rank is not None and (isinstance(amplification_rank,
+                                                      bool) or not isinstance(amplification_rank, int)
+                                           or amplification_rank < 1):
+        raise AnalysisError(f"amplification rank must be an integer >= 1, got {amplification_rank!r}")
+    if isinstance(keep_singular_values, bool) or not isinstance(keep_singular_values, int) or keep_singular_values < 1:
+        raise AnalysisError(f"keep_singular_values must be an integer >= 1, got {keep_singular_values!r}")
+
+
+def _adapter_entry(label: str, ad, svds: dict[str, tuple], warnings: list[str]) -> dict[str, Any]:
+    """One adapter's spectra per module (its SVDs go into `svds`)."""
+    if ad.config.use_dora:
+        warnings.append(f"{label}: DoRA adapter; the analysis is of the low-rank directional update scaling * B @ A "
+                        "(the magnitude vector is ignored)")
+    entry: dict[str, Any] = {
+        "label": label, "path": str(ad.path), "r": ad.config.r, "alpha": ad.config.alpha,
+        "use_rslora": ad.config.use_rslora, "use_dora": ad.config.use_dora,
+        "fan_in_fan_out": ad.fan_in_fan_out, "modules": {}, "skipped_keys": ad.skipped,
+    }
+    for mod_path, mod in ad.modules.items():
+        U, S, Vh = lowrank_svd(mod.B, mod.A, mod.scaling)
+        svds[mod_path] = (U, S, Vh)
+        spec = spectrum_from_singular_values(S, mod.shape)
+        if spec["numerical_rank"] == 0:
+            warnings.append(f"{label}: {mod_path}: delta_weight is zero (untrained adapter?)")
+        entry["modules"][mod_path] = {"kind": mod.kind, "shape": list(mod.shape), "r": mod.r, "scaling": mod.scaling,
+                                      "spectrum": spec}
+    return entry
+
+
+def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values: int, warnings: list[str]) -> dict:
+    """Spectra of `W_ft - W0` for the adapted modules."""
+    ft_src = WeightSource(full_finetune, "--full-finetune")
+    mods: dict[str, Any] = {}
+    for ad in adapters:
+        for p, mod in ad.modules.items():
+            mods.setdefault(p, mod)
+    ft: dict[str, Any] = {"path": _describe(full_finetune), "modules": {}}
+    for p, mod in mods.items():
+        W0 = w0_cache[p] if p in w0_cache else base_src.weight_for(mod)
+        S = torch.linalg.svdvals(ft_src.weight_for(mod) - W0)
+        spec = spectrum_from_singular_values(S, mod.shape, keep=keep_singular_values)
+        ft["modules"][p] = {"shape": list(mod.shape), "adapter_r": mod.r, "spectrum": spec,
+                            "energy_at_adapter_rank": _energy_at(S, mod.r)}
+        if spec["numerical_rank"] == 0:
+            warnings.append(f"full fine-tune: {p}: W_ft - W0 is zero (same weights as --base?)")
+    return ft
 
 
 def _similarity(adapters: list[AdapterFactors], labels: list[str], svds: list[dict[str, tuple]]) -> dict:
@@ -160,7 +176,8 @@ def _similarity(adapters: list[AdapterFactors], labels: list[str], svds: list[di
     for p in common:
         m1, m2 = a1.modules[p], a2.modules[p]
         if m1.shape != m2.shape:
-            raise AnalysisError(f"module {p!r}: delta shapes differ ({m1.shape} in {a1.path}, {m2.shape} in {a2.path}); "
+            raise AnalysisError(f"module {p!r}: delta shapes differ ({m1.shape} in {a1.path}, {m2.shape} in "
+                                f"{a2.path}); "
                                 "were the adapters trained on the same base model?")
         phi_a = subspace_similarity(m1.A, m2.A, "right")
         phi_b = subspace_similarity(m1.B, m2.B, "left")

@@ -28,22 +28,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `analyze` options to `parser` (and its description, if it has none)."""
     if not parser.description:
         parser.description = DESCRIPTION
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("adapter", metavar="ADAPTER",
+                        help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("adapter2", metavar="ADAPTER2", nargs="?", default=None,
                         help="second adapter (another rank or seed) for the subspace similarity")
     parser.add_argument("--base", metavar="MODEL", default=None,
-                        help="base model folder (*.safetensors) or .safetensors file: W0 for the amplification analysis")
+                        help="base model folder (*.safetensors) or .safetensors file: W0 for the amplification "
+                             "analysis")
     parser.add_argument("--full-finetune", metavar="CHECKPOINT", default=None,
-                        help="fully fine-tuned weights (folder or .safetensors); the spectrum of W_ft - W0 (needs --base)")
-    parser.add_argument("--out", "-o", metavar="DIR", default=None, help="write analysis.json, analysis.md and PNG plots here")
+                        help="fully fine-tuned weights (folder or .safetensors); the spectrum of W_ft - W0 "
+                             "(needs --base)")
+    parser.add_argument("--out", "-o", metavar="DIR", default=None,
+                        help="write analysis.json, analysis.md and PNG plots here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown on stdout")
     parser.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
-    parser.add_argument("--modules", metavar="REGEX", default=None, help="only module paths matching this regex (re.search)")
+    parser.add_argument("--modules", metavar="REGEX", default=None,
+                        help="only module paths matching this regex (re.search)")
     parser.add_argument("--rank", type=int, default=None, metavar="R",
                         help="number of singular directions in the amplification analysis (default: each module's r)")
-    parser.add_argument("--random-trials", type=int, default=10, metavar="N", help="random subspaces averaged (default 10)")
+    parser.add_argument("--random-trials", type=int, default=10, metavar="N",
+                        help="random subspaces averaged (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subspaces (default 0)")
-    parser.add_argument("--max-heatmaps", type=int, default=16, metavar="N", help="similarity heatmaps drawn at most (default 16)")
+    parser.add_argument("--max-heatmaps", type=int, default=16, metavar="N",
+                        help="similarity heatmaps drawn at most (default 16)")
     parser.add_argument("--keep-singular-values", type=int, default=64, metavar="N",
                         help="singular values of W_ft - W0 stored per module (default 64; statistics use all)")
 

@@ -59,80 +59,107 @@ def to_markdown(result: dict, images: dict[str, str] | None = None) -> str:
     (`{title: relative path}`) embedded at the end."""
     lines: list[str] = ["# LoRA adapter analysis (LoRA paper §7)", ""]
     for ad in result["adapters"]:
-        lines += [f"## Spectrum of delta_weight: `{ad['label']}`", "",
-                  f"Adapter `{ad['path']}`: r = {ad['r']}, alpha = {_f(ad['alpha'])}"
-                  + (", rsLoRA" if ad["use_rslora"] else "") + (", DoRA" if ad["use_dora"] else "")
-                  + f", {len(ad['modules'])} modules.", ""]
-        ks = _common_ks([m["spectrum"] for m in ad["modules"].values()])
-        lines.append("| module | shape | r | ‖ΔW‖_F | σ₁ | " + " | ".join(f"top-{k}" for k in ks)
-                     + " | eff. rank | rank 90% | rank 99% | num. rank |")
-        lines.append("|" + "---|" * (9 + len(ks)))
-        for p, m in ad["modules"].items():
-            s = m["spectrum"]
-            lines.append(f"| `{p}` | {m['shape'][0]}×{m['shape'][1]} | {m['r']} | {_f(s['frobenius_norm'])} | "
-                         f"{_f(s['spectral_norm'])} | " + " | ".join(_pct(_energy(s, k)) for k in ks)
-                         + f" | {_f(s['effective_rank'], 3)} | {s.get('rank_90', '–')} | {s.get('rank_99', '–')} | {s['numerical_rank']} |")
-        lines.append("")
-        amps = {p: m["amplification"] for p, m in ad["modules"].items() if "amplification" in m}
-        if amps:
-            lines += [f"### Amplification (§7.3, table 7): `{ad['label']}`", "",
-                      "| module | r | ‖W0‖_F | ‖ΔW‖_F | ‖UᵀW0Vᵀ‖_F, U,V of ΔW | of W0 | random (mean ± std) | amplification |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for p, a in amps.items():
-                rnd = "–" if a["proj_random"] is None else f"{_f(a['proj_random'])} ± {_f(a['proj_random_std'], 2)}"
-                lines.append(f"| `{p}` | {a['r']} | {_f(a['w0_fro'])} | {_f(a['delta_fro'])} | {_f(a['proj_delta'])} | "
-                             f"{_f(a['proj_w0'])} | {rnd} | {_f(a['amplification'], 3)} |")
-            lines.append("")
-    sim = result.get("similarity")
-    if sim:
-        l1, l2 = sim["labels"]
-        lines += [f"## Subspace similarity (§7.2): `{l1}` vs `{l2}`", "",
-                  "φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j); A: right-singular vectors of lora_A, "
-                  "B: left-singular vectors of lora_B. Chance level max(i, j)/d in brackets.", "",
-                  "| module | r1 | r2 | φ_A(1,1) | φ_A(r1,r2) | mean φ_A(i,i) | φ_B(1,1) | φ_B(r1,r2) | mean φ_B(i,i) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for p, m in sim["modules"].items():
-            a, b = m["summary_A"], m["summary_B"]
-            lines.append(f"| `{p}` | {m['r1']} | {m['r2']} | {_f(a['phi_1_1'], 3)} [{_f(a['random_1_1'], 2)}] | "
-                         f"{_f(a['phi_full'], 3)} [{_f(a['random_full'], 2)}] | {_f(a['mean_diagonal'], 3)} | "
-                         f"{_f(b['phi_1_1'], 3)} [{_f(b['random_1_1'], 2)}] | {_f(b['phi_full'], 3)} [{_f(b['random_full'], 2)}] | "
-                         f"{_f(b['mean_diagonal'], 3)} |")
-        lines += ["", "Extension (not in the paper): the same φ on delta_weight's own singular vectors, "
-                  "which do not depend on how the update is split into B and A.", "",
-                  "| module | φ_ΔW,in(1,1) | φ_ΔW,in(full) | mean φ_ΔW,in(i,i) | φ_ΔW,out(1,1) | φ_ΔW,out(full) | mean φ_ΔW,out(i,i) |",
-                  "|---|---|---|---|---|---|---|"]
-        for p, m in sim["modules"].items():
-            cells = []
-            for side in ("in", "out"):
-                sm = m.get(f"summary_delta_{side}")
-                cells += ["–"] * 3 if sm is None else [f"{_f(sm['phi_1_1'], 3)} [{_f(sm['random_1_1'], 2)}]",
-                                                      f"{_f(sm['phi_full'], 3)} [{_f(sm['random_full'], 2)}]",
-                                                      _f(sm["mean_diagonal"], 3)]
-            lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
-        for key, what in (("only_in_first", l1), ("only_in_second", l2)):
-            if sim[key]:
-                lines.append(f"\nModules only in `{what}` (not compared): " + ", ".join(f"`{p}`" for p in sim[key]))
-        lines.append("")
-    ft = result.get("full_finetune")
-    if ft:
-        ks = _common_ks([m["spectrum"] for m in ft["modules"].values()])[:8]
-        lines += [f"## Full fine-tune update W_ft − W0: `{ft['path']}`", "",
-                  "| module | shape | ‖ΔW‖_F | " + " | ".join(f"top-{k}" for k in ks)
-                  + " | top-r (adapter r) | eff. rank | rank 90% | rank 99% |",
-                  "|" + "---|" * (7 + len(ks))]
-        for p, m in ft["modules"].items():
-            s = m["spectrum"]
-            lines.append(f"| `{p}` | {m['shape'][0]}×{m['shape'][1]} | {_f(s['frobenius_norm'])} | "
-                         + " | ".join(_pct(_energy(s, k)) for k in ks)
-                         + f" | {_pct(m['energy_at_adapter_rank'])} (r={m['adapter_r']}) | {_f(s['effective_rank'], 3)} | "
-                         f"{s.get('rank_90', '–')} | {s.get('rank_99', '–')} |")
-        lines.append("")
+        lines += _spectrum_section(ad)
+    if result.get("similarity"):
+        lines += _similarity_section(result["similarity"])
+    if result.get("full_finetune"):
+        lines += _full_finetune_section(result["full_finetune"])
     if result.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in result["definitions"].items()] + [""]
     if images:
         lines += ["## Plots", ""] + [f"![{t}]({p})" for t, p in images.items()] + [""]
     return "\n".join(lines)
+
+
+
+
+def _spectrum_section(ad: dict) -> list[str]:
+    """One adapter's spectrum table (and its amplification table, §7.3)."""
+    lines: list[str] = []
+    lines += [f"## Spectrum of delta_weight: `{ad['label']}`", "",
+              f"Adapter `{ad['path']}`: r = {ad['r']}, alpha = {_f(ad['alpha'])}"
+              + (", rsLoRA" if ad["use_rslora"] else "") + (", DoRA" if ad["use_dora"] else "")
+              + f", {len(ad['modules'])} modules.", ""]
+    ks = _common_ks([m["spectrum"] for m in ad["modules"].values()])
+    lines.append("| module | shape | r | ‖ΔW‖_F | σ₁ | " + " | ".join(f"top-{k}" for k in ks)
+                 + " | eff. rank | rank 90% | rank 99% | num. rank |")
+    lines.append("|" + "---|" * (9 + len(ks)))
+    for p, m in ad["modules"].items():
+        s = m["spectrum"]
+        lines.append(f"| `{p}` | {m['shape'][0]}×{m['shape'][1]} | {m['r']} | {_f(s['frobenius_norm'])} | "
+                     f"{_f(s['spectral_norm'])} | " + " | ".join(_pct(_energy(s, k)) for k in ks)
+                     + f" | {_f(s['effective_rank'], 3)} | {s.get('rank_90', '–')} | {s.get('rank_99', '–')} "
+                     + f"| {s['numerical_rank']} |")
+    lines.append("")
+    amps = {p: m["amplification"] for p, m in ad["modules"].items() if "amplification" in m}
+    if amps:
+        lines += [f"### Amplification (§7.3, table 7): `{ad['label']}`", "",
+                  "| module | r | ‖W0‖_F | ‖ΔW‖_F | ‖UᵀW0Vᵀ‖_F, U,V of ΔW | of W0 | random (mean ± std) | "
+                  "amplification |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p, a in amps.items():
+            rnd = "–" if a["proj_random"] is None else f"{_f(a['proj_random'])} ± {_f(a['proj_random_std'], 2)}"
+            lines.append(f"| `{p}` | {a['r']} | {_f(a['w0_fro'])} | {_f(a['delta_fro'])} | {_f(a['proj_delta'])} | "
+                         f"{_f(a['proj_w0'])} | {rnd} | {_f(a['amplification'], 3)} |")
+        lines.append("")
+    return lines
+
+
+def _similarity_section(sim: dict) -> list[str]:
+    """Subspace similarity of two adapters (§7.2), and of their delta_weight (extension)."""
+    lines: list[str] = []
+    l1, l2 = sim["labels"]
+    lines += [f"## Subspace similarity (§7.2): `{l1}` vs `{l2}`", "",
+              "φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j); A: right-singular vectors of lora_A, "
+              "B: left-singular vectors of lora_B. Chance level max(i, j)/d in brackets.", "",
+              "| module | r1 | r2 | φ_A(1,1) | φ_A(r1,r2) | mean φ_A(i,i) | φ_B(1,1) | φ_B(r1,r2) | mean "
+              "φ_B(i,i) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for p, m in sim["modules"].items():
+        a, b = m["summary_A"], m["summary_B"]
+        lines.append(f"| `{p}` | {m['r1']} | {m['r2']} | {_f(a['phi_1_1'], 3)} [{_f(a['random_1_1'], 2)}] | "
+                     f"{_f(a['phi_full'], 3)} [{_f(a['random_full'], 2)}] | {_f(a['mean_diagonal'], 3)} | "
+                     f"{_f(b['phi_1_1'], 3)} [{_f(b['random_1_1'], 2)}] | {_f(b['phi_full'], 3)} "
+                     f"[{_f(b['random_full'], 2)}] | "
+                     f"{_f(b['mean_diagonal'], 3)} |")
+    lines += ["", "Extension (not in the paper): the same φ on delta_weight's own singular vectors, "
+              "which do not depend on how the update is split into B and A.", "",
+              "| module | φ_ΔW,in(1,1) | φ_ΔW,in(full) | mean φ_ΔW,in(i,i) | φ_ΔW,out(1,1) | φ_ΔW,out(full) | "
+              "mean φ_ΔW,out(i,i) |",
+              "|---|---|---|---|---|---|---|"]
+    for p, m in sim["modules"].items():
+        cells = []
+        for side in ("in", "out"):
+            sm = m.get(f"summary_delta_{side}")
+            cells += ["–"] * 3 if sm is None else [f"{_f(sm['phi_1_1'], 3)} [{_f(sm['random_1_1'], 2)}]",
+                                                  f"{_f(sm['phi_full'], 3)} [{_f(sm['random_full'], 2)}]",
+                                                  _f(sm["mean_diagonal"], 3)]
+        lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+    for key, what in (("only_in_first", l1), ("only_in_second", l2)):
+        if sim[key]:
+            lines.append(f"\nModules only in `{what}` (not compared): " + ", ".join(f"`{p}`" for p in sim[key]))
+    lines.append("")
+    return lines
+
+
+def _full_finetune_section(ft: dict) -> list[str]:
+    """The spectrum of a full fine-tune's update W_ft - W0."""
+    lines: list[str] = []
+    ks = _common_ks([m["spectrum"] for m in ft["modules"].values()])[:8]
+    lines += [f"## Full fine-tune update W_ft − W0: `{ft['path']}`", "",
+              "| module | shape | ‖ΔW‖_F | " + " | ".join(f"top-{k}" for k in ks)
+              + " | top-r (adapter r) | eff. rank | rank 90% | rank 99% |",
+              "|" + "---|" * (7 + len(ks))]
+    for p, m in ft["modules"].items():
+        s = m["spectrum"]
+        lines.append(f"| `{p}` | {m['shape'][0]}×{m['shape'][1]} | {_f(s['frobenius_norm'])} | "
+                     + " | ".join(_pct(_energy(s, k)) for k in ks)
+                     + f" | {_pct(m['energy_at_adapter_rank'])} (r={m['adapter_r']}) "
+                     f"| {_f(s['effective_rank'], 3)} | "
+                     f"{s.get('rank_90', '–')} | {s.get('rank_99', '–')} |")
+    lines.append("")
+    return lines
 
 
 def _energy(spec: dict, k: str) -> Any:
@@ -221,17 +248,21 @@ def make_plots(result: dict, out: Path, *, max_heatmaps: int = 16) -> dict[str, 
     made: dict[str, Path] = {}
     for ad in result["adapters"]:
         title = f"spectrum {ad['label']}"
-        made[title] = _save(plot_spectra(ad["modules"], f"delta_weight spectra: {ad['label']}"), out / f"spectrum_{_slug(ad['label'])}.png")
+        made[title] = _save(plot_spectra(ad["modules"], f"delta_weight spectra: {ad['label']}"),
+                            out / f"spectrum_{_slug(ad['label'])}.png")
         amps = {p: m["amplification"] for p, m in ad["modules"].items() if m.get("amplification")}
         if amps:
-            made[f"amplification {ad['label']}"] = _save(plot_amplification(amps, ad["label"]), out / f"amplification_{_slug(ad['label'])}.png")
+            made[f"amplification {ad['label']}"] = _save(plot_amplification(amps, ad["label"]),
+                                                         out / f"amplification_{_slug(ad['label'])}.png")
     sim = result.get("similarity")
     if sim:
         for p in list(sim["modules"])[:max_heatmaps]:
-            made[f"similarity {p}"] = _save(plot_similarity(sim["modules"][p], p, sim["labels"]), out / f"similarity_{_slug(p)}.png")
+            made[f"similarity {p}"] = _save(plot_similarity(sim["modules"][p], p, sim["labels"]),
+                                            out / f"similarity_{_slug(p)}.png")
     ft = result.get("full_finetune")
     if ft:
-        made["full fine-tune spectrum"] = _save(plot_spectra(ft["modules"], "W_ft - W0 spectra (full fine-tune)"), out / "full_finetune_spectrum.png")
+        made["full fine-tune spectrum"] = _save(plot_spectra(ft["modules"], "W_ft - W0 spectra (full fine-tune)"),
+                                                out / "full_finetune_spectrum.png")
     return made
 
 
@@ -296,7 +327,8 @@ def plot_amplification(amps: dict[str, dict], label: str):
     ax = fig.subplots()
     names = list(amps)
     x = list(range(len(names)))
-    series = (("delta_fro", "‖ΔW‖_F"), ("proj_delta", "‖UᵀW0Vᵀ‖, ΔW dirs"), ("proj_w0", "‖UᵀW0Vᵀ‖, W0 dirs"), ("proj_random", "‖UᵀW0Vᵀ‖, random"))
+    series = (("delta_fro", "‖ΔW‖_F"), ("proj_delta", "‖UᵀW0Vᵀ‖, ΔW dirs"), ("proj_w0", "‖UᵀW0Vᵀ‖, W0 dirs"),
+              ("proj_random", "‖UᵀW0Vᵀ‖, random"))
     width = 0.8 / len(series)
     for i, (key, name) in enumerate(series):
         vals = [amps[p][key] if amps[p][key] else math.nan for p in names]

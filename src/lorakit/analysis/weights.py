@@ -119,7 +119,8 @@ def load_factors(path: str | Path, modules: str | None = None) -> AdapterFactors
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise AnalysisError(f"{files.folder}: module {mod!r}: {kb} {tuple(kinds[kb].shape)} and {ka} "
                                 f"{tuple(kinds[ka].shape)} do not multiply")
-        out[mod] = ModuleFactors(mod, kind, A, B, float(files.config.scaling_for(mod)), base_transposed=kind in ("embedding", "conv1d_gpt2"))
+        out[mod] = ModuleFactors(mod, kind, A, B, float(files.config.scaling_for(mod)),
+                                 base_transposed=kind in ("embedding", "conv1d_gpt2"))
     if not out:
         raise AnalysisError(f"{files.folder}: --modules {modules!r} matches none of the adapted modules "
                             f"(e.g. {sorted(pairs, key=_natural_key)[:3]})")
@@ -176,9 +177,10 @@ class WeightSource:
             files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
             files = [f for f in files if f.name != WEIGHTS_NAME or p.is_file()]
             if p.is_file() and p.suffix != ".safetensors":
-                raise BaseModelError(f"{what} {p} is not a .safetensors file; pass a model folder or a .safetensors file")
+                raise BaseModelError(f"{what} {p} is not a .safetensors file; pass a model folder or a .safetensors "
+                                     "file")
             if not files:
-                others = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")] + [f.name for f in p.glob("*.pth")]
+                others = [f.name for pattern in ("*.bin", "*.pt", "*.pth") for f in p.glob(pattern)]
                 hint = (f" (it holds {others[0]}: pickle files are not opened; re-save the model with "
                         "`model.save_pretrained(folder, safe_serialization=True)`)") if others else ""
                 raise BaseModelError(f"{what} {p}: no *.safetensors weights found{hint}")
@@ -206,7 +208,8 @@ class WeightSource:
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise BaseModelError(f"{self.what} {self.name}: module {module_path!r} is ambiguous; candidates {hits[:4]}")
+                raise BaseModelError(f"{self.what} {self.name}: module {module_path!r} is ambiguous; candidates "
+                                     f"{hits[:4]}")
         leaf = parts[-1]
         near = [k for k in self._keys if f".{leaf}." in f".{k}"][:3]
         raise BaseModelError(f"{self.what} {self.name}: no weight for adapted module {module_path!r} "
@@ -240,7 +243,8 @@ class WeightSource:
             t = t.reshape(t.shape[0], -1)
         stored = (in_f, out_f) if mod.base_transposed else (out_f, in_f)
         if not t.is_floating_point():
-            raise BaseModelError(f"{self.what} {self.name}: {key!r} has dtype {t.dtype} (quantised?); a float weight is needed")
+            raise BaseModelError(f"{self.what} {self.name}: {key!r} has dtype {t.dtype} (quantised?); a float weight "
+                                 "is needed")
         if tuple(t.shape) == stored:
             W = t.T if mod.base_transposed else t
         elif t.ndim == 2 and tuple(t.shape) == stored[::-1] and out_f != in_f:
@@ -248,7 +252,8 @@ class WeightSource:
         else:
             raise BaseModelError(
                 f"{self.what} {self.name}: weight {key!r} has shape {tuple(t.shape)}, but adapted module {mod.path!r} "
-                f"(lora_B {tuple(mod.B.shape)}, lora_A {tuple(mod.A.shape)}) needs {stored}; is this the adapter's base model?"
+                f"(lora_B {tuple(mod.B.shape)}, lora_A {tuple(mod.A.shape)}) needs {stored}; is this the adapter's "
+                "base model?"
             )
         W = W.to(torch.float64).contiguous()
         if not torch.isfinite(W).all():

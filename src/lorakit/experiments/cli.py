@@ -21,6 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
+from ..train.flags import recipe_overrides
 from . import full_vs_lora, rank_sweep, variants, which_weights
 from .runner import Session
 
@@ -32,14 +34,18 @@ DEFAULT_WORK = "runs/experiments/work"
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
     default_out = "runs/experiments" if name == "all" else f"runs/experiments/{name}"
-    p.add_argument("--out", default=None, help=f"folder for report.md, results.json and the figures (default {default_out})")
-    p.add_argument("--work", default=DEFAULT_WORK, help="folder for the adapters and full analysis outputs (default %(default)s)")
-    p.add_argument("--quick", action="store_true", help="2 steps x batch 4, 32 test examples: a smoke test, not a measurement")
+    p.add_argument("--out", default=None,
+                   help=f"folder for report.md, results.json and the figures (default {default_out})")
+    p.add_argument("--work", default=DEFAULT_WORK,
+                   help="folder for the adapters and full analysis outputs (default %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 steps x batch 4, 32 test examples: a smoke test, not a measurement")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the recipe's)")
     p.add_argument("--test-size", type=int, default=None, help="held-out test examples (default: the recipe's, 500)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any recipe field (VALUE read as YAML), e.g. --set seed=1 or --set lora.dropout=0.1; repeatable")
+                   help="set any recipe field (VALUE read as YAML), e.g. --set seed=1 or --set lora.dropout=0.1; "
+                        "repeatable")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0])
         _common(p, name)
         module.add_arguments(p)
-    p = sub.add_parser("all", help="every experiment, one after the other, into OUT/<name>/", conflict_handler="resolve",
+    p = sub.add_parser("all", help="every experiment, one after the other, into OUT/<name>/",
+                       conflict_handler="resolve",
                        description="Run " + ", ".join(EXPERIMENTS) + " one after the other, into OUT/<name>/.")
     _common(p, "all")
     for module in EXPERIMENTS.values():
@@ -57,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     """The recipe changes asked for: `--quick` first, then `--steps` etc., then `--set`."""
-    from ..cli import recipe_overrides
 
     out = dict(QUICK) if args.quick else {}
     for flag in ("steps", "test_size", "batch_size"):
@@ -78,12 +84,14 @@ def command_line(args: argparse.Namespace, out: Path) -> str:
         env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
     if sys.argv[1:2] == ["experiment"]:
         return env + "lorakit " + shlex.join(sys.argv[1:])
-    return env + f"lorakit experiment {args.experiment} --out {shlex.quote(str(out))}" + (" --quick" if args.quick else "")
+    return (
+        env + f"lorakit experiment {args.experiment} --out {shlex.quote(str(out))}" + (" --quick" if args.quick else "")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if not getattr(args, "experiment", None):
-        raise ValueError("name an experiment: " + ", ".join([*EXPERIMENTS, "all"]) + " (lorakit experiment --help)")
+        raise UsageError("name an experiment: " + ", ".join([*EXPERIMENTS, "all"]) + " (lorakit experiment --help)")
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     changes = overrides(args)
     for name in names:

@@ -65,7 +65,8 @@ class Clock:
         return time.perf_counter() - self.start, self.load
 
 
-def base_results(name: str, command: str, clock: Clock, session: Session, recipe, zero_shot: tuple, runs: list[RunResult]) -> dict:
+def base_results(name: str, command: str, clock: Clock, session: Session, recipe, zero_shot: tuple,
+                 runs: list[RunResult]) -> dict:
     """The fields every `results.json` has."""
     wall, load = clock.finish()
     prep = session.prepared(recipe)

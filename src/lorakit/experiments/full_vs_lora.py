@@ -19,14 +19,17 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .common import Clock, base_results, by_type, cumulative_energy, mean, work_folder
 from .report import (PAIRED_NOTE, accuracy_cell, colors, figure, header, md_table, mib, num, paired_cell, pct,
                      plot_accuracy, plot_losses, save, setup_text, write)
 from .runner import Arm, RunResult, Session
+from ..analysis import analyze_adapter, grassmann_similarity, load_factors, lowrank_svd, spectrum, write_report
 
 NAME = "full-vs-lora"
 BASE = "sentiment-minilm"
-HELP = "LoRA vs full fine-tuning on the MiniLM encoder recipe: accuracy, parameters, optimizer state, step time, spectrum of W_ft - W0"
+HELP = ("LoRA vs full fine-tuning on the MiniLM encoder recipe: accuracy, parameters, optimizer state, step time, "
+        "spectrum of W_ft - W0")
 TITLE = "LoRA vs full fine-tuning (encoder recipe)"
 DEFAULT_FULL_LRS = "2e-5,5e-5,1e-4"
 TIMED_STEPS = 5
@@ -45,14 +48,13 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--full-lrs must be comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"--full-lrs must be comma-separated numbers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--full-lrs must be numbers > 0, got {text!r}")
+        raise UsageError(f"--full-lrs must be numbers > 0, got {text!r}")
     return values
 
 
 def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
-    from ..analysis import analyze_adapter, write_report
 
     lrs = _floats(getattr(args, "full_lrs", DEFAULT_FULL_LRS))
     clock = Clock()
@@ -61,14 +63,16 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     zero = session.zero_shot(recipe)
     work = work_folder(session, NAME)
     lora_run = session.run(BASE, Arm("LoRA"), work)
-    full_runs = [session.run(BASE, Arm(f"full, lr {lr:g}", {"lr": lr}, full_finetune=True, keep_model=True), work) for lr in lrs]
+    full_runs = [session.run(BASE, Arm(f"full, lr {lr:g}", {"lr": lr}, full_finetune=True, keep_model=True),
+                             work) for lr in lrs]
     runs = [lora_run, *full_runs]
     rounds = getattr(args, "timing_rounds", 3)
     timing = None
     if rounds > 0:
         session.log("interleaved step timing, LoRA vs full fine-tuning")
-        timing = session.interleaved_step_times(BASE, [Arm("LoRA"), Arm(full_runs[0].label, {"lr": lrs[0]}, full_finetune=True)],
-                                                rounds=1 if args.quick else rounds, steps=1 if args.quick else TIMED_STEPS)
+        arms = [Arm("LoRA"), Arm(full_runs[0].label, {"lr": lrs[0]}, full_finetune=True)]
+        timing = session.interleaved_step_times(BASE, arms, rounds=1 if args.quick else rounds,
+                                                steps=1 if args.quick else TIMED_STEPS)
 
     base_state = {k: v.detach() for k, v in prep.model.state_dict().items()}
     attention = [p for p, m in prep.model.named_modules() if isinstance(m, torch.nn.Linear) and ATTENTION.search(p)]
@@ -98,7 +102,8 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     results = base_results(NAME, command, clock, session, recipe, zero, runs)
     results["full_lrs"] = lrs
     results["timing"] = timing
-    results["updates"] = {label: {"per_type": _per_type(e["modules"], base_state), "energy_at_adapter_rank": e["analysis"],
+    results["updates"] = {label: {"per_type": _per_type(e["modules"], base_state),
+                                  "energy_at_adapter_rank": e["analysis"],
                                   "overlap": e.get("overlap")}
                           for label, e in updates.items()}
     results["lora_update"] = None if lora_spectra is None else _per_type(lora_spectra, base_state)
@@ -118,7 +123,6 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
 # ---------------------------------------------------------------------- analysis
 def _full_update_spectra(paths: list[str], base: dict, ft: dict) -> dict[str, dict]:
     """`lorakit.analysis.spectrum(W_ft - W0)` of each attention matrix (every singular value kept)."""
-    from ..analysis import spectrum
 
     return {p: spectrum(ft[p + ".weight"] - base[p + ".weight"]) for p in paths}
 
@@ -137,8 +141,10 @@ def _per_type(spectra: dict[str, dict], base: dict) -> dict[str, dict]:
             "rank_90_mean": mean([s["rank_90"] for s in specs]), "rank_99_mean": mean([s["rank_99"] for s in specs]),
             "effective_rank_mean": mean([s["effective_rank"] for s in specs]),
             "stable_rank_mean": mean([s["stable_rank"] for s in specs]),
-            "cumulative_energy_mean": _mean_curve([cumulative_energy(s["singular_values"], s["frobenius_norm"] ** 2) for s in specs]),
-            "sigma_ratio_mean": _mean_curve([[v / s["singular_values"][0] for v in s["singular_values"]] for s in specs]),
+            "cumulative_energy_mean": _mean_curve([cumulative_energy(s["singular_values"], s["frobenius_norm"] ** 2)
+                                                   for s in specs]),
+            "sigma_ratio_mean": _mean_curve([[v / s["singular_values"][0] for v in s["singular_values"]]
+                                             for s in specs]),
         }
     return out
 
@@ -154,7 +160,6 @@ def _overlap(adapter_dir: str, base: dict, ft: dict) -> dict[str, Any]:
     Output side: left-singular vectors (`(out, r)`), input side: right-singular vectors; phi(r, r)
     is the mean squared cosine of the principal angles between the two r-dim subspaces (chance r / d).
     """
-    from ..analysis import grassmann_similarity, load_factors, lowrank_svd
 
     factors = load_factors(adapter_dir)
     out: dict[str, Any] = {}
@@ -176,7 +181,6 @@ def _overlap(adapter_dir: str, base: dict, ft: dict) -> dict[str, Any]:
 
 def _random_spectrum(model, paths: list[str]) -> dict[str, Any]:
     """Spectrum of a Gaussian random matrix of the first attention matrix's shape (seed 0): the full-rank reference."""
-    from ..analysis import spectrum
 
     shape = tuple(dict(model.named_modules())[paths[0]].weight.shape) if paths else (384, 384)
     gen = torch.Generator().manual_seed(0)
@@ -208,7 +212,8 @@ def _plot_spectra(results: dict, path: Path, r: int) -> str:
         ax.plot(range(1, len(rnd) + 1), rnd, color="gray", ls="--", lw=1, label="Gaussian random matrix")
         ax.axvline(r, color="black", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="k (top singular values)", ylabel="energy share E(k), mean over layers", ylim=(0, 1.02), title=kind)
+        ax.set(xlabel="k (top singular values)", ylabel="energy share E(k), mean over layers", ylim=(0, 1.02),
+               title=kind)
         ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"spectrum of the update per attention matrix (dotted line: LoRA rank r={r})")
     return save(fig, path)
@@ -223,12 +228,15 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
               "## LoRA vs full fine-tuning", ""]
     rows = []
     for run in runs:
-        rows.append([run.label, f"{run.recipe['lr']:g}", f"{run.trainable:,} ({pct(run.trainable / run.total, 2) if run.total else 'n/a'})",
+        rows.append([run.label, f"{run.recipe['lr']:g}",
+                     f"{run.trainable:,} ({pct(run.trainable / run.total, 2) if run.total else 'n/a'})",
                      f"{run.optimizer_state_bytes:,} ({mib(run.optimizer_state_bytes)})" if not run.error else "n/a",
                      num(run.step_seconds) if run.step_seconds else "n/a",
                      num(run.train_cpu_seconds / run.steps) if run.step_seconds else "n/a",
-                     f"{run.tokens_per_second:,.0f}" if not run.error else "n/a", accuracy_cell(run), paired_cell(lora_run, run)])
-    lines.append(md_table(["method", "lr", "trainable parameters", "AdamW state bytes", "s / step", "CPU s / step", "tokens / s",
+                     f"{run.tokens_per_second:,.0f}" if not run.error else "n/a", accuracy_cell(run),
+                     paired_cell(lora_run, run)])
+    lines.append(md_table(["method", "lr", "trainable parameters", "AdamW state bytes", "s / step", "CPU s / step",
+                           "tokens / s",
                            "test accuracy", "vs LoRA (paired)"], rows))
     full = [x for x in runs if x.method == "full" and not x.error]
     if full and not lora_run.error and lora_run.optimizer_state_bytes:
@@ -237,67 +245,81 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
                   f"{f.optimizer_state_bytes / lora_run.optimizer_state_bytes:.0f}x the optimizer state of LoRA "
                   f"(8 bytes per trainable parameter: AdamW's two float32 moments). Step times over the whole runs: "
                   + ", ".join(f"{x.label} {x.step_seconds / lora_run.step_seconds:.2f}x LoRA in wall time, "
-                              f"{x.train_cpu_seconds / lora_run.train_cpu_seconds:.2f}x in CPU time" for x in full) + "."]
+                              f"{x.train_cpu_seconds / lora_run.train_cpu_seconds:.2f}x in CPU time"
+                              for x in full) + "."]
         t = results.get("timing")
         if t:
             a = t["arms"]
-            lines += ["", f"Interleaved timing ({t['rounds']} rounds; each round builds LoRA and the full fine-tune afresh "
-                      f"and times {t['steps']} steps of each after one warm-up step, so that a change of the machine's load "
-                      f"hits both alike): LoRA {a['LoRA']['step_seconds']:.3f} s/step ({a['LoRA']['cpu_step_seconds']:.3f} s "
-                      f"CPU time), full fine-tuning {a[f.label]['step_seconds']:.3f} s/step ({a[f.label]['cpu_step_seconds']:.3f} s "
-                      f"CPU time); ratio {a[f.label]['relative']:.2f}x in wall time, {a[f.label]['cpu_relative']:.2f}x in CPU "
+            lines += ["",
+                      f"Interleaved timing ({t['rounds']} rounds; each round builds LoRA and the full fine-tune afresh "
+                      f"and times {t['steps']} steps of each after one warm-up step, so that a change of the "
+                      "machine's load "
+                      f"hits both alike): LoRA {a['LoRA']['step_seconds']:.3f} s/step "
+                      f"({a['LoRA']['cpu_step_seconds']:.3f} s "
+                      f"CPU time), full fine-tuning {a[f.label]['step_seconds']:.3f} s/step "
+                      f"({a[f.label]['cpu_step_seconds']:.3f} s "
+                      f"CPU time); ratio {a[f.label]['relative']:.2f}x in wall time, "
+                      f"{a[f.label]['cpu_relative']:.2f}x in CPU "
                       "time (medians over rounds)."]
     lines += ["", PAIRED_NOTE, "", f"![accuracy]({images['accuracy']})", "", f"![loss]({images['loss']})", ""]
 
     if results["updates"]:
-        rnd = results["random_gaussian"]
-        lines += ["## Spectrum of the full fine-tune's update W_ft - W0 (attention matrices)", "",
-                  f"Means over the {next(iter(next(iter(results['updates'].values()))['per_type'].values()))['layers']} "
-                  "layers, from `lorakit.analysis.spectrum` (all singular values). top-k: share of `||W_ft - W0||_F^2` in "
-                  "the k largest singular values, i.e. what the best rank-k matrix could hold; rank 90% / 99%: singular values "
-                  "needed for that share; effective rank (Roy & Vetterli). Last rows: LoRA's own update (rank "
-                  f"{r}) and a Gaussian random {rnd['shape'][0]}x{rnd['shape'][1]} matrix (a full-rank reference).", ""]
-        ks = [k for k in ("1", "8", "32", "128") if k in rnd["energy_top_k"]]
-        if str(r) not in ks and str(r) in rnd["energy_top_k"]:
-            ks.insert(1, str(r))
-        rows = []
-        for label, u in results["updates"].items():
-            for kind, s in u["per_type"].items():
-                rows.append([label, kind, f"{s['shape'][0]}x{s['shape'][1]}", num(s["delta_fro_mean"]),
-                             pct(s["relative_change_mean"], 2)]
-                            + [pct(s["energy_top_k_mean"].get(k)) for k in ks]
-                            + [num(s["rank_90_mean"], 3), num(s["rank_99_mean"], 3), num(s["effective_rank_mean"], 3),
-                               num(s["stable_rank_mean"], 3)])
-        for kind, s in (results.get("lora_update") or {}).items():
-            rows.append([f"LoRA (r={r})", kind, f"{s['shape'][0]}x{s['shape'][1]}", num(s["delta_fro_mean"]),
-                         pct(s["relative_change_mean"], 2)]
-                        + [pct(s["energy_top_k_mean"].get(k, 1.0 if int(k) >= r else None)) for k in ks]
-                        + [num(s["rank_90_mean"], 3), num(s["rank_99_mean"], 3), num(s["effective_rank_mean"], 3),
-                           num(s["stable_rank_mean"], 3)])
-        rows.append(["Gaussian random", "-", f"{rnd['shape'][0]}x{rnd['shape'][1]}", "-", "-"]
-                    + [pct(rnd["energy_top_k"].get(k)) for k in ks]
-                    + [str(rnd["rank_90"]), str(rnd["rank_99"]), num(rnd["effective_rank"], 3), num(rnd["stable_rank"], 3)])
-        lines.append(md_table(["update", "matrix", "shape", "‖ΔW‖_F", "‖ΔW‖_F / ‖W0‖_F"] + [f"top-{k}" for k in ks]
-                              + ["rank 90%", "rank 99%", "effective rank", "stable rank"], rows))
-        lines += ["", f"![spectrum]({images['spectrum']})", ""]
-        overlaps = {label: u["overlap"] for label, u in results["updates"].items() if u.get("overlap")}
-        if overlaps:
-            lines += ["### Does LoRA find the full fine-tune's directions? (extension, not in the paper)", "",
-                      f"φ({r}, {r}) between the {r} directions of the LoRA update and the top-{r} singular directions of "
-                      f"W_ft - W0 (`lorakit.analysis.grassmann_similarity`; 1 = the same subspace, chance {r}/d), on the "
-                      "output side (left-singular vectors) and the input side (right-singular vectors), mean over layers; "
-                      "φ(1, 1) compares the two top directions.", ""]
-            rows = []
-            for label, o in overlaps.items():
-                for kind, s in o["per_type"].items():
-                    rows.append([label, kind, f"{s['phi_out']:.3f}", f"{s['phi_in']:.3f}", f"{s['phi_out_1_1']:.3f}",
-                                 f"{s['phi_in_1_1']:.3f}", f"{s['chance_out']:.3f}"])
-            lines.append(md_table(["full fine-tune", "matrix", f"φ({r},{r}) output side", f"φ({r},{r}) input side",
-                                   "φ(1,1) output", "φ(1,1) input", "chance φ(r,r)"], rows))
-            lines.append("")
+        lines += _spectrum_section(results, r, images)
     lines += ["## Files", "", "`results.json` holds every number above, the loss curves and per-example correctness; "
               f"the LoRA adapter and the full `lorakit.analysis` reports are in `{work}` (not committed).", ""]
     return "\n".join(lines)
+
+
+def _spectrum_section(results: dict, r: int, images: dict) -> list[str]:
+    """The report's section on the spectrum of the full fine-tune's update (and LoRA's overlap with it)."""
+    lines: list[str] = []
+    rnd = results["random_gaussian"]
+    lines += ["## Spectrum of the full fine-tune's update W_ft - W0 (attention matrices)", "",
+              f"Means over the {next(iter(next(iter(results['updates'].values()))['per_type'].values()))['layers']} "
+              "layers, from `lorakit.analysis.spectrum` (all singular values). top-k: share of `||W_ft - W0||_F^2` in "
+              "the k largest singular values, i.e. what the best rank-k matrix could hold; rank 90% / 99%: singular "
+              "values "
+              "needed for that share; effective rank (Roy & Vetterli). Last rows: LoRA's own update (rank "
+              f"{r}) and a Gaussian random {rnd['shape'][0]}x{rnd['shape'][1]} matrix (a full-rank reference).", ""]
+    ks = [k for k in ("1", "8", "32", "128") if k in rnd["energy_top_k"]]
+    if str(r) not in ks and str(r) in rnd["energy_top_k"]:
+        ks.insert(1, str(r))
+    rows = []
+    for label, u in results["updates"].items():
+        for kind, s in u["per_type"].items():
+            rows.append([label, kind, f"{s['shape'][0]}x{s['shape'][1]}", num(s["delta_fro_mean"]),
+                         pct(s["relative_change_mean"], 2)]
+                        + [pct(s["energy_top_k_mean"].get(k)) for k in ks]
+                        + [num(s["rank_90_mean"], 3), num(s["rank_99_mean"], 3), num(s["effective_rank_mean"], 3),
+                           num(s["stable_rank_mean"], 3)])
+    for kind, s in (results.get("lora_update") or {}).items():
+        rows.append([f"LoRA (r={r})", kind, f"{s['shape'][0]}x{s['shape'][1]}", num(s["delta_fro_mean"]),
+                     pct(s["relative_change_mean"], 2)]
+                    + [pct(s["energy_top_k_mean"].get(k, 1.0 if int(k) >= r else None)) for k in ks]
+                    + [num(s["rank_90_mean"], 3), num(s["rank_99_mean"], 3), num(s["effective_rank_mean"], 3),
+                       num(s["stable_rank_mean"], 3)])
+    rows.append(["Gaussian random", "-", f"{rnd['shape'][0]}x{rnd['shape'][1]}", "-", "-"]
+                + [pct(rnd["energy_top_k"].get(k)) for k in ks]
+                + [str(rnd["rank_90"]), str(rnd["rank_99"]), num(rnd["effective_rank"], 3), num(rnd["stable_rank"], 3)])
+    lines.append(md_table(["update", "matrix", "shape", "‖ΔW‖_F", "‖ΔW‖_F / ‖W0‖_F"] + [f"top-{k}" for k in ks]
+                          + ["rank 90%", "rank 99%", "effective rank", "stable rank"], rows))
+    lines += ["", f"![spectrum]({images['spectrum']})", ""]
+    overlaps = {label: u["overlap"] for label, u in results["updates"].items() if u.get("overlap")}
+    if overlaps:
+        lines += ["### Does LoRA find the full fine-tune's directions? (extension, not in the paper)", "",
+                  f"φ({r}, {r}) between the {r} directions of the LoRA update and the top-{r} singular directions of "
+                  f"W_ft - W0 (`lorakit.analysis.grassmann_similarity`; 1 = the same subspace, chance {r}/d), on the "
+                  "output side (left-singular vectors) and the input side (right-singular vectors), mean over layers; "
+                  "φ(1, 1) compares the two top directions.", ""]
+        rows = []
+        for label, o in overlaps.items():
+            for kind, s in o["per_type"].items():
+                rows.append([label, kind, f"{s['phi_out']:.3f}", f"{s['phi_in']:.3f}", f"{s['phi_out_1_1']:.3f}",
+                             f"{s['phi_in_1_1']:.3f}", f"{s['chance_out']:.3f}"])
+        lines.append(md_table(["full fine-tune", "matrix", f"φ({r},{r}) output side", f"φ({r},{r}) input side",
+                               "φ(1,1) output", "φ(1,1) input", "chance φ(r,r)"], rows))
+        lines.append("")
+    return lines
 
 
 def _slug(text: str) -> str:

@@ -19,10 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .common import Clock, base_results, by_type, cumulative_energy, layer_index, mean, median, work_folder
-from .report import (PAIRED_NOTE, accuracy_cell, figure, header, md_table, num, paired_cell, pct, plot_accuracy,
-                     plot_losses, save, setup_text, write)
+from .report import (PAIRED_NOTE, RESULTS_NAME, accuracy_cell, colors, figure, header, md_table, num, paired_cell, pct,
+                     plot_accuracy, plot_losses, save, setup_text, write)
 from .runner import Arm, RunResult, Session
+from ..analysis import analyze_adapter, write_report
 
 NAME = "rank-sweep"
 BASE = "sentiment"
@@ -42,19 +44,18 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"{what} must be integers >= 1, got {text!r}")
+        raise UsageError(f"{what} must be integers >= 1, got {text!r}")
     return values
 
 
 def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
-    from ..analysis import analyze_adapter, write_report
 
     ranks = sorted(set(_ints(args.ranks, "--ranks")))
     compare = _ints(args.compare, "--compare") if args.compare else ([8, 64] if {8, 64} <= set(ranks) else ranks[-2:])
     if len(compare) != 2 or not set(compare) <= set(ranks) or compare[0] == compare[1]:
-        raise ValueError(f"--compare needs two different ranks of --ranks {ranks}, got {compare}")
+        raise UsageError(f"--compare needs two different ranks of --ranks {ranks}, got {compare}")
     clock = Clock()
     recipe = session.recipe(BASE)
     prep = session.prepared(recipe)
@@ -118,7 +119,8 @@ def _spectrum_summary(modules: dict[str, dict]) -> dict[str, dict]:
             "rank_99_mean": mean([s["rank_99"] for s in specs]),
             "effective_rank_mean": mean([s["effective_rank"] for s in specs]),
             "stable_rank_mean": mean([s["stable_rank"] for s in specs]),
-            "cumulative_energy_mean": _mean_curves([cumulative_energy(s["singular_values"], s["frobenius_norm"] ** 2) for s in specs]),
+            "cumulative_energy_mean": _mean_curves([cumulative_energy(s["singular_values"], s["frobenius_norm"] ** 2)
+                                                    for s in specs]),
             "amplification_median": median([a.get("amplification") for a in amps]),
             "amplification_mean": mean([a.get("amplification") for a in amps]),
             "proj_delta_mean": mean([a.get("proj_delta") for a in amps]),
@@ -161,7 +163,8 @@ def _similarity_summary(sim: dict) -> dict[str, Any]:
         out["per_module"][path] = {"phi_A_1_1": m["phi_A"][0][0], "phi_B_1_1": m["phi_B"][0][0],
                                    "phi_A_full": m["phi_A"][-1][-1], "phi_B_full": m["phi_B"][-1][-1]}
     out["middle_layer"] = _middle_layer(sim["modules"])
-    out["middle_layer_phi_A"] = {kind: next(m["phi_A"] for p, m in mods.items() if layer_index(p) == out["middle_layer"])
+    out["middle_layer_phi_A"] = {kind: next(m["phi_A"] for p,
+                                            m in mods.items() if layer_index(p) == out["middle_layer"])
                                  for kind, mods in by_type(sim["modules"]).items()}
     return out
 
@@ -177,7 +180,6 @@ def _plot_spectra(spectra: dict[int, dict], path: Path) -> str:
     kinds = sorted({k for s in summaries.values() for k in s})
     fig = figure(5.2 * len(kinds), 4.0)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    from .report import colors
 
     cols = colors(len(summaries))
     for ax, kind in zip(axes, kinds):
@@ -230,10 +232,12 @@ def _markdown(results: dict, runs: list[RunResult], reference: RunResult, recipe
     for run in runs:
         r = run.recipe["lora"]["r"]
         tail = run.losses[-5:]
-        rows.append([r, f"{alpha / r:g}", f"{run.trainable:,} ({pct(run.trainable / run.total, 3)})", accuracy_cell(run),
+        rows.append([r, f"{alpha / r:g}", f"{run.trainable:,} ({pct(run.trainable / run.total, 3)})",
+                     accuracy_cell(run),
                      paired_cell(reference, run), num(sum(tail) / len(tail)) if tail else "n/a",
                      num(run.step_seconds) if run.step_seconds else "n/a"])
-    lines.append(md_table(["r", "scaling alpha/r", "trainable (% of model)", "test accuracy", f"vs r={reference.recipe['lora']['r']} (paired)",
+    lines.append(md_table(["r", "scaling alpha/r", "trainable (% of model)", "test accuracy",
+                           f"vs r={reference.recipe['lora']['r']} (paired)",
                            "train loss, last 5 steps", "s / step"], rows))
     lines += ["", PAIRED_NOTE, "", f"![accuracy]({images['accuracy']})", "", f"![loss]({images['loss']})", ""]
 
@@ -270,13 +274,15 @@ def _markdown(results: dict, runs: list[RunResult], reference: RunResult, recipe
                              f"{s['layers_phi_1_1_above_half']} of {e['layers']}", f"{s['random_1_1']:.4f}",
                              f"{mean(s['diagonal_mean']):.3f}", f"{s['phi_full_mean']:.3f}", f"{s['random_full']:.3f}"])
         lines.append(md_table(["module", "matrix", "φ(1, 1): mean [min, max] over layers", "layers with φ(1, 1) > 0.5",
-                               "chance φ(1, 1)", f"mean φ(i, i), i ≤ {r1}", f"φ({r1}, {r2})", f"chance φ({r1}, {r2})"], rows))
+                               "chance φ(1, 1)", f"mean φ(i, i), i ≤ {r1}", f"φ({r1}, {r2})",
+                               f"chance φ({r1}, {r2})"], rows))
         lines += ["", "Mean φ_A(i, i) by i (down the diagonal, mean over layers):", ""]
         rows = [[kind] + [f"{v:.3f}" for v in e["A"]["diagonal_mean"]] for kind, e in sim["per_type"].items()]
         k = len(next(iter(sim["per_type"].values()))["A"]["diagonal_mean"])
         lines.append(md_table(["module"] + [f"i={i}" for i in range(1, k + 1)], rows))
         lines += ["", f"![phi]({images['similarity']})", "",
-                  f"Left: layer {sim['middle_layer']} (the middle layer, as the paper's figure 3 shows layer 48 of 96); "
+                  f"Left: layer {sim['middle_layer']} (the middle layer, as the paper's figure 3 shows layer 48 of "
+                  "96); "
                   "right: the mean over layers.", ""]
     lines += ["## Files", "",
               f"`{results_name()}` holds every number above, per-run loss curves and per-example correctness. "
@@ -286,6 +292,5 @@ def _markdown(results: dict, runs: list[RunResult], reference: RunResult, recipe
 
 
 def results_name() -> str:
-    from .report import RESULTS_NAME
 
     return RESULTS_NAME

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .runner import RunResult, paired, standard_error
+from ..version import __version__
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
@@ -65,7 +66,6 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__
 
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -88,7 +88,8 @@ def header(title: str, description: str, results: dict[str, Any]) -> str:
         "Generated from real runs by this command (numbers, tables and figures below are its output):", "",
         f"    {results['command']}", "",
         f"Run time: {wall:.0f} s ({wall / 60:.1f} min) on {device}, {env['date_utc']} UTC; torch {env['torch']}, "
-        f"transformers {env['transformers']}, lorakit {env['lorakit']}; OMP_WAIT_POLICY={env['omp_wait_policy'] or 'unset'}; "
+        f"transformers {env['transformers']}, lorakit {env['lorakit']}; "
+        f"OMP_WAIT_POLICY={env['omp_wait_policy'] or 'unset'}; "
         f"1/5/15-min load average {la.get('start')} at the start and {la.get('end')} at the end "
         "(another job shared the CPU when the load is near or above the core count: times are then inflated).",
         "",
@@ -100,9 +101,12 @@ def setup_text(recipe: dict[str, Any], zero_shot: dict[str, Any], sizes: dict[st
     return (f"Setup: model `{recipe['model']}`, task `{recipe['task']}`, data `{recipe['data']}` "
             f"(train {sizes['train']:,} / validation {sizes['val']} / test {sizes['test']} examples, split seed "
             f"{recipe['split_seed']}); {recipe['steps']} steps x batch {recipe['batch_size']} "
-            f"(x {recipe['grad_accum']} accumulation), at most {recipe['max_length']} tokens; AdamW lr {recipe['lr']:g}, "
-            f"{recipe['warmup_steps']} warmup steps then {recipe['schedule']} decay, weight decay {recipe['weight_decay']:g}, "
-            f"gradient clipping {recipe['grad_clip']:g}; seed {recipe['seed']} for every run (same LoRA init where shapes "
+            f"(x {recipe['grad_accum']} accumulation), at most {recipe['max_length']} tokens; AdamW lr "
+            f"{recipe['lr']:g}, "
+            f"{recipe['warmup_steps']} warmup steps then {recipe['schedule']} decay, weight decay "
+            f"{recipe['weight_decay']:g}, "
+            f"gradient clipping {recipe['grad_clip']:g}; seed {recipe['seed']} for every run (same LoRA init where "
+            "shapes "
             f"agree, same batches). Zero-shot (base model) test accuracy: {pct(zero_shot.get('accuracy'))} "
             f"(loss {num(zero_shot.get('loss'))}).")
 
@@ -155,7 +159,8 @@ def plot_losses(runs: list[RunResult], path: Path, title: str) -> str:
         steps = list(range(1, len(run.losses) + 1))
         ax.plot(steps, run.losses, color=color, lw=0.6, alpha=0.35)
         w = min(5, len(run.losses))
-        avg = [sum(run.losses[max(0, i - w + 1):i + 1]) / len(run.losses[max(0, i - w + 1):i + 1]) for i in range(len(run.losses))]
+        windows = [run.losses[max(0, i - w + 1):i + 1] for i in range(len(run.losses))]
+        avg = [sum(x) / len(x) for x in windows]
         ax.plot(steps, avg, color=color, lw=1.8, label=run.label)
     ax.set(xlabel="step", ylabel="training loss (nats)", title=title)
     ax.legend(fontsize=7)

@@ -9,7 +9,7 @@ same scoring), evaluates it on the recipe's held-out test split and returns a `R
 report) is left out to save time; for plain LoRA the trained weights and test numbers are the
 ones `lorakit train` gives for the same recipe.
 
-Prepared models (`lorakit.train.job.Prepared`) and the zero-shot score are shared by every arm
+Prepared models (`lorakit.train.prepare.Prepared`) and the zero-shot score are shared by every arm
 with the same model, data, split and scoring fields.
 """
 
@@ -26,10 +26,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from ..inject import inject
+from ..io import save_adapter
+from ..merge import count_parameters
+from ..train import data as data_mod
+from ..train.loop import LoopConfig, train
+from ..train.prepare import Prepared, lora_config_for
+from ..train.recipe import apply, load_recipe
 
 # Fields that decide the model load, the data split and the scoring: arms that agree on them
 # share one `Prepared` (and one zero-shot evaluation).
-PREPARED_FIELDS = ("model", "task", "data", "text_field", "label_field", "prompt_field", "response_field", "label_words",
+PREPARED_FIELDS = ("model", "task", "data", "text_field", "label_field", "prompt_field", "response_field",
+                   "label_words",
                    "prompt_template", "test_size", "val_size", "split_seed", "max_length", "eval_batch_size", "seed",
                    "device", "precision", "threads", "quantize")
 
@@ -105,11 +113,13 @@ class RunResult:
             "batch_size": self.recipe.get("batch_size"), "seed": self.recipe.get("seed"),
             "test": self.metrics, "trainable": self.trainable, "total": self.total,
             "trainable_percent": 100 * self.trainable / self.total if self.total else None,
-            "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds, "step_seconds": self.step_seconds, "inject_seconds": self.inject_seconds,
+            "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+            "step_seconds": self.step_seconds, "inject_seconds": self.inject_seconds,
             "eval_seconds": self.eval_seconds, "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second, "optimizer_state_bytes": self.optimizer_state_bytes,
             "peak_memory_bytes": self.peak_memory_bytes, "load_average": self.load_average,
-            "first_loss": self.losses[0] if self.losses else None, "last_loss": self.losses[-1] if self.losses else None,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
             "losses": self.losses, "adapter_dir": self.adapter_dir,
         }
         if with_correct and self.correct is not None:
@@ -137,7 +147,6 @@ class Session:
     # ------------------------------------------------------------------ recipes
     def recipe(self, base: str, changes: dict[str, Any] | None = None):
         """`base` (a preset or recipe file) < the session's overrides < `changes`."""
-        from ..train.recipe import apply, load_recipe
 
         return apply(load_recipe(base, self.overrides), changes or {})
 
@@ -147,7 +156,6 @@ class Session:
 
     def prepared(self, recipe):
         """The `Prepared` model, tokenizer, task and split for `recipe` (shared by equal keys)."""
-        from ..train.job import Prepared
 
         key = self._key(recipe)
         if key not in self._prepared:
@@ -175,11 +183,7 @@ class Session:
         A run that fails in training (a NaN loss, say) is recorded with `error` set rather than
         stopping the experiment; bad input (an unknown target module, ...) raises.
         """
-        import lorakit as lk
 
-        from ..train import data as data_mod
-        from ..train.job import lora_config_for
-        from ..train.loop import LoopConfig, train
 
         recipe = self.recipe(base, arm.changes)
         prep = self.prepared(recipe)
@@ -196,11 +200,11 @@ class Session:
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
-            config = lora_config_for(recipe, prep)
+            config = lora_config_for(recipe, prep.source.name)  # arms sharing a Prepared differ in LoRA
             torch.manual_seed(recipe.seed)  # as lorakit train: the LoRA init depends on it
-            lk.inject(model, config)
+            inject(model, config)
         res.inject_seconds = time.perf_counter() - t
-        res.trainable, res.total = lk.count_parameters(model)
+        res.trainable, res.total = count_parameters(model)
         self.log(f"{res.trainable:,} trainable of {res.total:,} parameters ({100 * res.trainable / res.total:.3f}%)")
 
         batch_iter = (prep.task.batch(ex, prep.device)
@@ -234,7 +238,7 @@ class Session:
         res.eval_seconds = time.perf_counter() - t
         if not arm.full_finetune:
             adapter_dir = Path(folder) / _slug(arm.label) / "adapter"
-            lk.save_adapter(model, adapter_dir)
+            save_adapter(model, adapter_dir)
             res.adapter_dir = str(adapter_dir)
         if arm.keep_model:
             res.model = model
@@ -258,10 +262,7 @@ class Session:
         (all threads of this process) is what the step costs; wall time also counts waiting for other
         processes on a shared machine.
         """
-        import lorakit as lk
 
-        from ..train import data as data_mod
-        from ..train.loop import LoopConfig, train
 
         per_round: dict[str, list[float]] = {a.label: [] for a in arms}
         cpu_round: dict[str, list[float]] = {a.label: [] for a in arms}
@@ -275,26 +276,29 @@ class Session:
                         p.requires_grad_(True)
                 else:
                     torch.manual_seed(recipe.seed)
-                    lk.inject(model, recipe.lora_config())
+                    inject(model, recipe.lora_config())
                 batch_iter = (prep.task.batch(ex, prep.device)
                               for ex in data_mod.batches(prep.splits.train, recipe.batch_size, recipe.seed))
-                cfg = LoopConfig(steps=steps + 1, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                cfg = LoopConfig(steps=steps + 1, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                 warmup_steps=recipe.warmup_steps,
                                  schedule=recipe.schedule, grad_clip=recipe.grad_clip, grad_accum=recipe.grad_accum,
                                  log_every=10**9, loraplus_ratio=arm.loraplus_ratio or 0.0)
                 torch.manual_seed(recipe.seed)
-                result = train(model, prep.task.loss, batch_iter, cfg, device=prep.device, dtype=prep.dtype, log=lambda m: None)
+                result = train(model, prep.task.loss, batch_iter, cfg, device=prep.device, dtype=prep.dtype,
+                               log=lambda m: None)
                 per_round[arm.label].append(sum(result.step_seconds[1:]) / steps)
                 cpu_round[arm.label].append(sum(result.step_cpu_seconds[1:]) / steps)
                 del model, result
-            self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s/step ({cpu_round[k][-1]:.2f} s CPU)"
-                                                                     for k, v in per_round.items()))
+            self.log(f"timing round {rnd + 1}/{rounds}: " + ", ".join(
+                f"{k} {v[-1]:.2f} s/step ({cpu_round[k][-1]:.2f} s CPU)" for k, v in per_round.items()))
         first = arms[0].label
         out = {}
         for label, times in per_round.items():
             ratios = [t / f for t, f in zip(times, per_round[first])]
             cpu = cpu_round[label]
             cpu_ratios = [t / f for t, f in zip(cpu, cpu_round[first])]
-            out[label] = {"step_seconds": statistics.median(times), "relative": statistics.median(ratios), "per_round": times,
+            out[label] = {"step_seconds": statistics.median(times), "relative": statistics.median(ratios),
+                          "per_round": times,
                           "cpu_step_seconds": statistics.median(cpu), "cpu_relative": statistics.median(cpu_ratios),
                           "cpu_per_round": cpu}
         return {"rounds": rounds, "steps": steps, "arms": out}

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import Clock, base_results, work_folder
-from .report import PAIRED_NOTE, accuracy_cell, header, md_table, num, paired_cell, plot_accuracy, plot_losses, setup_text, write
+from .report import (PAIRED_NOTE, accuracy_cell, header, md_table, num, paired_cell, plot_accuracy, plot_losses,
+                     setup_text, write)
 from .runner import Arm, RunResult, Session
 
 NAME = "variants"
@@ -36,7 +37,8 @@ def arms(ratio: float = 16.0) -> list[tuple[Arm, str]]:
         (Arm("LoRA"), "scaling alpha / r"),
         (Arm("rsLoRA", {"lora": {"use_rslora": True}}), "`use_rslora=True`: scaling alpha / sqrt(r)"),
         (Arm("DoRA", {"lora": {"use_dora": True}}), "`use_dora=True`: magnitude x direction (eq. 5)"),
-        (Arm("LoRA+", loraplus_ratio=ratio), f"`loraplus_param_groups(ratio={ratio:g})`: lr of B = {ratio:g} x lr of A"),
+        (Arm("LoRA+", loraplus_ratio=ratio),
+         f"`loraplus_param_groups(ratio={ratio:g})`: lr of B = {ratio:g} x lr of A"),
         (Arm("PiSSA", {"lora": {"init": "pissa"}}), '`init="pissa"`: A, B from the top-r singular vectors of W0'),
     ]
 
@@ -62,10 +64,12 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     results["timing"] = timing
     results["relative_train_time"] = {r.label: (r.train_seconds / reference.train_seconds
                                                 if not r.error and reference.train_seconds else None) for r in runs}
-    results["relative_train_cpu_time"] = {r.label: (r.train_cpu_seconds / reference.train_cpu_seconds
-                                                    if not r.error and reference.train_cpu_seconds else None) for r in runs}
+    results["relative_train_cpu_time"] = {
+        r.label: r.train_cpu_seconds / reference.train_cpu_seconds
+        if not r.error and reference.train_cpu_seconds else None for r in runs}
     images = {
-        "accuracy": plot_accuracy(runs, zero[0].get("accuracy"), out / "accuracy.png", f"test accuracy after {recipe.steps} steps", ""),
+        "accuracy": plot_accuracy(runs, zero[0].get("accuracy"), out / "accuracy.png",
+                                  f"test accuracy after {recipe.steps} steps", ""),
         "loss": plot_losses(runs, out / "loss.png", "training loss per variant"),
     }
     results["images"] = images
@@ -78,7 +82,7 @@ def table(results: dict, runs: list[RunResult], plan: list[tuple[Arm, str]]) -> 
     reference = runs[0]
     timing = (results.get("timing") or {}).get("arms", {})
     rows = []
-    for (arm, what), run in zip(plan, runs):
+    for (_arm, what), run in zip(plan, runs):
         rel = results["relative_train_time"][run.label]
         rel_cpu = results["relative_train_cpu_time"][run.label]
         t = timing.get(run.label)
@@ -88,7 +92,8 @@ def table(results: dict, runs: list[RunResult], plan: list[tuple[Arm, str]]) -> 
                      f"{rel_cpu:.2f}x" if rel_cpu else "n/a",
                      f"{t['cpu_relative']:.2f}x ({t['cpu_step_seconds']:.2f} s)" if t else "n/a",
                      f"{run.inject_seconds:.1f} s", num(sum(tail) / len(tail)) if tail else "n/a"])
-    return md_table(["variant", "change", "trainable", "test accuracy", "vs LoRA (paired)", f"training time ({reference.steps} steps)",
+    return md_table(["variant", "change", "trainable", "test accuracy", "vs LoRA (paired)",
+                     f"training time ({reference.steps} steps)",
                      "relative to LoRA", "relative, CPU time", "relative, interleaved CPU time per step",
                      "inject time", "train loss, last 5 steps"], rows)
 

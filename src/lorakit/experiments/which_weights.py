@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .common import Clock, base_results, work_folder
-from .report import PAIRED_NOTE, accuracy_cell, header, md_table, num, paired_cell, pct, plot_accuracy, plot_losses, setup_text, write
+from .report import (PAIRED_NOTE, accuracy_cell, header, md_table, num, paired_cell, pct, plot_accuracy, plot_losses,
+                     setup_text, write)
 from .runner import Arm, RunResult, Session
+from ..config import LoraConfig
+from ..inject import plan
 
 NAME = "which-weights"
 BASE = "sentiment"
@@ -48,21 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def lora_units(model, lora: dict[str, Any], targets) -> list[tuple[str, int]]:
     """`(module path, in + out)` of every module `targets` selects: LoRA parameters per unit of rank."""
-    from .. import LoraConfig
-    from ..inject import plan
 
-    cfg = LoraConfig(**{k: v for k, v in lora.items() if k not in ("r", "target_modules", "rank_pattern", "modules_to_save")},
+    cfg = LoraConfig(**{k: v for k,
+                        v in lora.items() if k not in ("r", "target_modules", "rank_pattern", "modules_to_save")},
                      r=1, target_modules=targets)
     units = []
     for path, module in plan(model, cfg).targets:
-        weight = getattr(module, "weight")
+        weight = module.weight
         units.append((path, int(weight.shape[0]) + int(weight.shape[1])))  # Linear (out, in) or Conv1D (in, out)
     return units
 
 
 def lora_parameters(model, lora: dict[str, Any]) -> int:
     """LoRA parameters (A and B) of `lora` on `model`, counted without changing the model."""
-    from .. import LoraConfig
 
     cfg = LoraConfig(**{k: v for k, v in lora.items() if k != "modules_to_save"})
     return sum(cfg.rank_for(path) * c for path, c in lora_units(model, lora, lora["target_modules"]))
@@ -80,7 +81,8 @@ def ranks_for_budget(model, lora: dict[str, Any], targets, budget: int, toleranc
     units = lora_units(model, lora, targets)
     cost = sum(c for _, c in units)
     r = max(1, round(budget / cost))
-    uniform = {"lora": {"r": r, "target_modules": targets, "rank_pattern": {}}, "parameters": r * cost, "rank_text": str(r)}
+    uniform = {"lora": {"r": r, "target_modules": targets, "rank_pattern": {}}, "parameters": r * cost,
+               "rank_text": str(r)}
     if abs(r * cost - budget) <= tolerance * budget or budget <= cost:
         return uniform
     r_lo = math.floor(budget / cost)
@@ -137,7 +139,8 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     return results
 
 
-def _markdown(results: dict, plans: list, runs: list[RunResult], reference: RunResult, recipe, prep, images: dict) -> str:
+def _markdown(results: dict, plans: list, runs: list[RunResult], reference: RunResult, recipe, prep,
+              images: dict) -> str:
     budget = results["budget"]
     total = runs[0].total - runs[0].trainable if runs and runs[0].total else None
     shapes = _shapes(prep.model)
@@ -155,8 +158,10 @@ def _markdown(results: dict, plans: list, runs: list[RunResult], reference: RunR
         tail = run.losses[-5:]
         rows.append([label, p["rank_text"], f"{lora_params:,} ({100 * (lora_params / budget - 1):+.1f}%)",
                      f"{run.trainable:,}", accuracy_cell(run), paired_cell(reference, run),
-                     num(sum(tail) / len(tail)) if tail else "n/a", num(run.step_seconds) if run.step_seconds else "n/a"])
-    lines.append(md_table(["weights", "r", "LoRA parameters (vs budget)", "trainable (measured)", "test accuracy", f"vs {REFERENCE} (paired)",
+                     num(sum(tail) / len(tail)) if tail else "n/a",
+                     num(run.step_seconds) if run.step_seconds else "n/a"])
+    lines.append(md_table(["weights", "r", "LoRA parameters (vs budget)", "trainable (measured)", "test accuracy",
+                           f"vs {REFERENCE} (paired)",
                            "train loss, last 5 steps", "s / step"], rows))
     lines += ["", PAIRED_NOTE, "", f"![accuracy]({images['accuracy']})", "", f"![loss]({images['loss']})", ""]
     return "\n".join(lines)

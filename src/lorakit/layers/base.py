@@ -1,38 +1,28 @@
 """`LoraLayer`: the state every adapted layer shares (adapters, activity, merge).
 
 A `LoraLayer` owns the original module as `base_layer` and, per adapter name,
-`lora_A[name]` and `lora_B[name]` parameters. Subclasses (one per layer kind)
-supply the kind's math: `delta_weight`, `add_lora` (the forward contribution) and
-the shapes of A and B. Variants (plain LoRA, DoRA, ...) are strategies that use
-those primitives; see `lorakit.variants`.
+`lora_A[name]` and `lora_B[name]` parameters. Subclasses (one per layer kind) say how
+their A and B act on an input (`project_A`, `project_B`), their shapes and layouts;
+the equation itself is `lorakit.ops.lora`. Variants (plain LoRA, DoRA) are strategies
+that use the layer through the `lorakit.variants.AdaptedLayer` protocol.
 
-Merge rule (paper §4.2, made exact): the merged weight is always computed from
-the saved original `W0` as `round(W0 + sum(delta_weight))`, in float32 (float64
-for a float64 base), rounded once into the base dtype. Unmerge writes the saved
-`W0` back, bit for bit; nothing is ever subtracted.
+Merge rule (paper §4.2, made exact): the merged weight is always computed from the
+saved original `W0` as `round(W0 + sum(delta_weight))`, in float32 (float64 for a
+float64 base), rounded once into the base dtype. Unmerge writes the saved `W0` back,
+bit for bit; nothing is ever subtracted.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, LoraError, MergeError
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for merges: float64 for a float64 base, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_rows(rows, x: torch.Tensor) -> int:
-    """The batch size, after checking it matches the mixed batch's number of adapter names."""
-    if x.dim() == 0 or x.shape[0] != rows.index.shape[0]:
-        raise LoraError(f"mixed_batch was given {rows.index.shape[0]} adapter names but a layer saw an input of shape {tuple(x.shape)}")
-    return x.shape[0]
+from ..ops import lora as ops
+from ..variants import Variant, get_variant
 
 
 class LoraLayer(nn.Module):
@@ -44,24 +34,28 @@ class LoraLayer(nn.Module):
         r, lora_alpha, scaling, lora_dropout: dicts of adapter name -> value.
         active_adapters: names whose update the forward applies (merged or not).
         merged_adapters: names currently folded into `base_layer`'s weight.
+        variant_cache: variants' inference caches, dropped on `train()`/`eval()` and moves.
+    Class attributes: `file_keys` (PEFT key suffixes of A and B), `supported_variants` (names of the
+    variants the kind supports).
     """
 
-    # How the adapter tensors are named in PEFT files, relative to the module path.
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    supported_variants: tuple[str, ...] = ("lora",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        # The parameter tables themselves, as plain attributes: a hot-path lookup then
-        # costs a dict access instead of two nn.Module.__getattr__ calls (~1 us each).
+        # The parameter tables as plain attributes: the fast path then reads them with a
+        # dict access instead of two nn.Module.__getattr__ calls per forward.
         self._tables = (self.lora_A._parameters, self.lora_B._parameters, base_layer._parameters)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self.variants: dict[str, object] = {}
+        self.variants: dict[str, Variant] = {}
+        self.variant_cache: dict = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         self.disabled = False
@@ -72,16 +66,32 @@ class LoraLayer(nn.Module):
         # the base weight this layer shares with another module (tied embeddings), while it merges into a copy
         self.tied_weight: nn.Parameter | None = None
         self.shares_weight = False  # set once a merge found the weight tied: every later merge unties first
-        self._mixed = None  # a `lorakit.mixed.MixedRows` inside `mixed_batch`, else None
+        self._mixed = None  # a `lorakit.layers.rows.MixedRows` inside `mixed_batch`, else None
 
     # ------------------------------------------------------------------ kind-specific
-    @property
-    def in_features(self) -> int:  # A: (r, in_features)
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        """`(in_features, out_features)` of a base module of this kind (A: `(r, in)`, B: `(out, r)`)."""
         raise NotImplementedError
 
+    @classmethod
+    def shapes(cls, base: nn.Module, r: int, slices=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank `r` on `base` (`slices`: see `LoraLinear`)."""
+        in_f, out_f = cls.features(base)
+        return (r, in_f), (out_f, r)
+
+    @staticmethod
+    def check_rank(module: nn.Module, r: int) -> str | None:
+        """Why rank `r` cannot adapt `module` (None if it can)."""
+        return None
+
     @property
-    def out_features(self) -> int:  # B: (out_features, r)
-        raise NotImplementedError
+    def in_features(self) -> int:
+        return self.features(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.features(self.base_layer)[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -92,15 +102,60 @@ class LoraLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    @staticmethod
-    def check_rank(module: nn.Module, r: int) -> str | None:
-        """Why rank `r` cannot adapt `module` (None if it can)."""
-        return None
-
     def lora_shapes(self, r: int, slices=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of (A, B) for rank `r` (`slices`: see `LoraLinear`)."""
-        return (r, self.in_features), (self.out_features, r)
+        return self.shapes(self.base_layer, r, slices)
 
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`scaling * B @ A` in the base weight's layout, computed in `dtype` (default float32)."""
+        raise NotImplementedError
+
+    def project_A(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """How A acts on an input: `(..., in) -> (..., r)` (a matrix product unless overridden)."""
+        return ops.matmul_A(h, A)
+
+    def project_B(self, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """How B acts: `(..., r) -> (..., out)`."""
+        return ops.matmul_B(xa, B)
+
+    def to_oi(self, w: torch.Tensor) -> torch.Tensor:
+        """A tensor in the base weight's layout as the `(out_features, in_features)` matrix (a view where possible)."""
+        raise NotImplementedError
+
+    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_oi`: an `(out_features, in_features)` matrix in the base weight's layout."""
+        raise NotImplementedError
+
+    def as_lora_input(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """The input in A's dtype (token ids stay as they are)."""
+        return x.to(A.dtype)
+
+    def lora_factors(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(A, B)` as the forward uses them for input `x`."""
+        return self.lora_A[name], self.lora_B[name]
+
+    # ------------------------------------------------------------------ the low-rank term (lorakit.ops.lora)
+    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch's input: `dropout(x)` while training with dropout, else `x` itself (same object)."""
+        return ops.dropout(x, self.lora_dropout[name], self.training)
+
+    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """`scaling * B(A(h))` for an already dropped-out input `h`: `(..., out_features)`, adapter dtype."""
+        A, B = self.lora_factors(name, h)
+        return ops.low_rank(self.as_lora_input(h, A), A, B, self.scaling[name], project_A=self.project_A,
+                            project_B=self.project_B)
+
+    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`result + scaling * B(A(dropout(x)))` for one adapter (paper eq. 3)."""
+        A, B = self.lora_factors(name, x)
+        h = self.lora_input(name, self.as_lora_input(x, A))
+        return ops.add_low_rank(result, h, A, B, self.scaling[name], project_A=self.project_A, project_B=self.project_B)
+
+    def base_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The base layer's output for `h` without its bias."""
+        out = self.base_layer(h)
+        return out if self.bias is None else out - self.bias
+
+    # ------------------------------------------------------------------ adapters
     def init_lora(self, name: str, init: str) -> None:
         """Initialise A and B so that the update is zero (paper §4.1); `init="random"`: B random too."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -116,55 +171,20 @@ class LoraLayer(nn.Module):
             else:
                 nn.init.zeros_(B)
 
-    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`scaling * B @ A` in the base weight's layout, computed in `dtype` (default float32)."""
-        raise NotImplementedError
-
-    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        """`result + scaling * B(A(dropout(x)))` for one adapter."""
-        raise NotImplementedError
-
-    # Primitives for variants (DoRA, PiSSA/OLoRA); see lorakit.variants.
-    def to_oi(self, w: torch.Tensor) -> torch.Tensor:
-        """A tensor in the base weight's layout as the `(out_features, in_features)` matrix (a view where possible)."""
-        raise NotImplementedError
-
-    def from_oi(self, w: torch.Tensor) -> torch.Tensor:
-        """Inverse of `to_oi`: an `(out_features, in_features)` matrix in the base weight's layout."""
-        raise NotImplementedError
-
-    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA branch's input: `dropout(x)` while training with dropout, else `x` itself (same object)."""
-        p = self.lora_dropout[name]
-        return torch.nn.functional.dropout(x, p, True) if p and self.training else x
-
-    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """`scaling * B(A(h))` for an already dropped-out input `h`: `(..., out_features)`, adapter dtype."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ adapters
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        scaling: float,
-        dropout: float,
-        init: str = "kaiming",
-        variant: object | None = None,
-        dtype: torch.dtype | None = None,
-        slices: tuple[list[int] | None, list[bool]] | None = None,
-    ) -> None:
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str = "kaiming",
+                    variant: Variant | None = None, dtype: torch.dtype | None = None, slices=None,
+                    weight_init: Callable[[LoraLayer, str], None] | None = None) -> None:
         """Create adapter `name` with rank `r`; parameters live on the base weight's device.
 
-        `dtype` defaults to float32 for a half-precision base (stable training, as
-        PEFT's `autocast_adapter_dtype`), else the base weight's dtype.
+        `init` is `kaiming`, `gaussian` or `random`; `weight_init(layer, name)`, if given, runs
+        next (a weight-derived init such as PiSSA, passed in by `lorakit.inject`), then the
+        variant's own init. `dtype` defaults to float32 for a half-precision base (stable
+        training, as PEFT's `autocast_adapter_dtype`), else the base weight's dtype.
         """
-        from ..variants import get_variant
-
         w = self.weight
         if dtype is None:
-            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) or not w.dtype.is_floating_point else w.dtype
+            dtype = torch.float32 if w.dtype in (torch.float16,
+                                                 torch.bfloat16) or not w.dtype.is_floating_point else w.dtype
         if slices is not None:
             self.set_slices(name, slices)
         shape_a, shape_b = self.lora_shapes(r, self.slice_spec(name))
@@ -176,14 +196,21 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = dropout
         self.variants[name] = variant if variant is not None else get_variant("lora")
         self.init_lora(name, init)
-        if init not in ("kaiming", "gaussian", "random"):  # PiSSA / OLoRA: A, B from W0, base -> residual
-            from ..variants.pissa import init_from_weight
-
-            init_from_weight(self, name, init)
+        if weight_init is not None:
+            weight_init(self, name)
         self.variants[name].init(self, name)
 
+    def adapter_table(self, table: str) -> nn.ParameterDict:
+        """The per-adapter tensor table `table` (e.g. DoRA's `lora_magnitude_vector`), created on first use."""
+        found = self._modules.get(table)
+        if found is None:
+            found = nn.ParameterDict()
+            self.add_module(table, found)
+        return found
+
     def set_slices(self, name: str, slices) -> None:
-        raise LoraError(f"per-slice adapters (fused_slices) need a Linear/Conv1D layer, not {type(self.base_layer).__name__}")
+        raise LoraError("per-slice adapters (fused_slices) need a Linear/Conv1D layer, not "
+                        f"{type(self.base_layer).__name__}")
 
     def slice_spec(self, name: str):
         """The resolved per-slice layout of adapter `name`, or None (see `LoraLinear`)."""
@@ -262,10 +289,14 @@ class LoraLayer(nn.Module):
                 raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
         return tuple(n for n in names if n not in self.merged_adapters)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """`W0`: the base weight without merged adapters, in the base layout (no grad)."""
+        return self._weight_backup if self._weight_backup is not None else self.weight.detach()
+
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
         """The base weight with `names` folded in, from the original `W0`, in the base dtype."""
-        w0 = self._weight_backup if self._weight_backup is not None else self.weight.detach()
-        acc = w0.to(compute_dtype(w0.dtype))
+        w0 = self.unmerged_weight()
+        acc = w0.to(ops.compute_dtype(w0.dtype))
         for n in names:
             acc = self.variants[n].merged_weight(self, n, acc)
         return acc.to(w0.dtype)
@@ -289,10 +320,26 @@ class LoraLayer(nn.Module):
         self.merged_adapters = ()
         self._refresh()
 
+    def merged_module(self, names: Iterable[str]) -> nn.Module:
+        """The plain base module with `names` folded in (for `merge_and_unload`); the layer is spent after."""
+        names = list(names)
+        if names:
+            merged = self.merged_weight(names)
+            with torch.no_grad():
+                self.weight.copy_(merged)
+        elif self.merged_adapters:
+            self.unmerge()
+        return self.base_layer
+
+    @staticmethod
+    def plain_base(module: nn.Module) -> nn.Module | None:
+        """A plain (dense) equivalent of a base module of this kind, or None if it is plain already."""
+        return None
+
     # ------------------------------------------------------------------ forward
     def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
-        """Per-row adapters (see `lorakit.mixed`); generic version: one pass per adapter in use."""
-        check_rows(rows, x)
+        """Per-row adapters (`lorakit.mixed_batch`); generic version: one pass per adapter in use."""
+        rows.check(x)
         out = result
         for slot, name in enumerate(rows.names[:-1]):
             mask = (rows.index == slot).view(-1, *([1] * (result.dim() - 1)))
@@ -308,15 +355,14 @@ class LoraLayer(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.lora_A]
-        return "; ".join(parts)
+        return "; ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.lora_A)
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_variant_cache", None)  # variants' inference caches (DoRA's weight norm)
+        self.variant_cache.clear()
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):  # keep the merge backup on the weight's device/dtype
-        self.__dict__.pop("_variant_cache", None)
+        self.variant_cache.clear()
         out = super()._apply(fn, recurse)
         if self._weight_backup is not None:
             self._weight_backup = fn(self._weight_backup)

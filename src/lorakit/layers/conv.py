@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import lora as ops
 from .base import LoraLayer
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -28,13 +29,15 @@ class LoraConv(LoraLayer):
     def groups(self) -> int:
         return self.base_layer.groups
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_channels
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.in_channels, base.out_channels
 
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_channels
+    @classmethod
+    def shapes(cls, base: nn.Module, r: int, slices=None):
+        w = base.weight
+        ones = (1,) * (w.dim() - 2)
+        return (r, *w.shape[1:]), (base.out_channels, r // base.groups, *ones)
 
     @staticmethod
     def check_rank(module: nn.Module, r: int) -> str | None:
@@ -42,34 +45,22 @@ class LoraConv(LoraLayer):
             return f"rank {r} is not a multiple of the convolution's groups={module.groups}"
         return None
 
-    def lora_shapes(self, r: int, slices=None):
-        w = self.weight
-        ones = (1,) * (w.dim() - 2)
-        return (r, *w.shape[1:]), (self.out_features, r // self.groups, *ones)
-
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or torch.float32
-        A, B, g = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype), self.groups
-        r = A.shape[0]
-        a = A.reshape(g, r // g, -1)  # (g, r/g, in/g * k...)
-        b = B.reshape(g, self.out_features // g, r // g)  # (g, out/g, r/g)
-        delta = torch.bmm(b, a).reshape(self.weight.shape)
-        return delta.mul_(self.scaling[name])
+        A, B = self.lora_A[name], self.lora_B[name]
+        delta = ops.delta_weight(A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), self.scaling[name],
+                                 dtype or torch.float32, groups=self.groups)
+        return delta.reshape(self.weight.shape)
+
+    def project_A(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """A shares every geometric setting of the base conv (incl. padding mode)."""
+        return self.base_layer._conv_forward(h, A, None)
+
+    def project_B(self, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B is a grouped 1x1 convolution."""
+        return _CONV_FN[B.dim() - 2](xa, B, None, 1, 0, 1, self.groups)
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # (out, in/groups * kernel...)
         return w.reshape(w.shape[0], -1)
 
     def from_oi(self, w: torch.Tensor) -> torch.Tensor:
         return w.reshape(self.weight.shape)
-
-    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = x.to(A.dtype)
-        p = self.lora_dropout[name]
-        if p and self.training:
-            h = F.dropout(h, p, True)
-        # A shares every geometric setting of the base conv (incl. padding mode);
-        # B is a grouped 1x1 conv.
-        h = self.base_layer._conv_forward(h, A, None)
-        h = _CONV_FN[A.dim() - 2](h, B, None, 1, 0, 1, self.groups)
-        return result + (h * self.scaling[name]).to(result.dtype)

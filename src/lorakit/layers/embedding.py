@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, check_rows
+from ..ops import lora as ops
+from .base import LoraLayer
 
 
 class LoraEmbedding(LoraLayer):
@@ -19,14 +20,11 @@ class LoraEmbedding(LoraLayer):
     """
 
     file_keys = ("lora_embedding_A", "lora_embedding_B")
+    supported_variants = ("lora", "dora")
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.weight.shape[0], base.weight.shape[1]
 
     def init_lora(self, name: str, init: str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -40,12 +38,16 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(B)
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or torch.float32
-        return (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)).mul_(self.scaling[name]).T
+        return ops.delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], dtype or torch.float32).T
 
-    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def project_A(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """Token ids `h: (...)` -> the ids' columns of A: `(..., r)` (a lookup in `A^T`)."""
         base = self.base_layer
-        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return F.embedding(h, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def as_lora_input(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return x  # token ids
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # the table is (in, out) = (num_embeddings, embedding_dim)
         return w.T
@@ -56,17 +58,9 @@ class LoraEmbedding(LoraLayer):
     def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x  # no dropout on token ids
 
-    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        return self._lookup(h, self.lora_A[name].T) @ self.lora_B[name].T * self.scaling[name]
-
-    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        xa = self._lookup(x, A.T)  # (..., r)
-        return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
-
     def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
         """Each row looks up its own adapter's A columns, then one batched product with B."""
-        batch = check_rows(rows, x)
+        batch = rows.check(x)
         table = rows.A.transpose(1, 2)  # (slots, num_embeddings, r)
         ids = x.reshape(batch, -1)
         xa = table[rows.index[:, None], ids]  # (batch, L, r)

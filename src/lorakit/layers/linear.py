@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..variants.lora import LoraVariant
-from .base import LoraLayer, check_rows
-from .fused import lora_linear
+from ..ops import lora as ops
+from ..ops.fused import lora_linear
+from .base import LoraLayer
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -26,22 +25,38 @@ class LoraLinear(LoraLayer):
     Shapes: `x: (..., in_features)`, `A: (r, in_features)`, `B: (out_features, r)`,
     output `(..., out_features)`. For a `Conv1D` base (`fan_in_fan_out`), the base
     weight is `(in_features, out_features)` and `delta_weight` is returned in that layout.
+    One active plain adapter on a plain linear base runs as one autograd node
+    (`lorakit.ops.fused`).
     """
+
+    supported_variants = ("lora", "dora")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.slices: dict[str, SliceSpec] = {}
-        # The one adapter the fused fast path computes (see layers/fused.py), chosen
-        # when the active set changes, so that forward does no per-call selection.
+        # The one adapter the fused fast path computes, chosen when the active set changes,
+        # so that forward does no per-call selection.
         self._fused: str | None = None
         self._plain_base = type(base_layer) is nn.Linear or self.fan_in_fan_out
+
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        w = base.weight
+        return (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
+
+    @classmethod
+    def shapes(cls, base: nn.Module, r: int, slices: "SliceSpec | None" = None):
+        in_f, out_f = cls.features(base)
+        if slices is None:
+            return (r, in_f), (out_f, r)
+        return (r * slices.k, in_f), (slices.rows.numel(), r)
 
     def _refresh(self) -> None:
         super()._refresh()
         names = self._forward_adapters
         self._fused = names[0] if (
-            len(names) == 1 and self._plain_base and type(self.variants[names[0]]) is LoraVariant and names[0] not in self.slices
+            len(names) == 1 and self._plain_base and self.variants[names[0]].fuses and names[0] not in self.slices
         ) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -68,27 +83,21 @@ class LoraLinear(LoraLayer):
         super().delete_adapter(name)
         self.slices.pop(name, None)
 
-    def lora_shapes(self, r: int, slices: "SliceSpec | None" = None):
-        if slices is None:
-            return (r, self.in_features), (self.out_features, r)
-        return (r * slices.k, self.in_features), (slices.rows.numel(), r)
-
     def lora_B_dense(self, name: str) -> torch.Tensor:
         """B as a `(out_features, r * k)` block-diagonal matrix (just B when not sliced); differentiable."""
         spec = self.slices.get(name)
         return self.lora_B[name] if spec is None else spec.dense(self.lora_B[name], self.out_features)
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0 if self.fan_in_fan_out else 1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1 if self.fan_in_fan_out else 0]
+    def lora_factors(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.lora_A[name], self.lora_B_dense(name)
+        if A.dtype.itemsize < x.dtype.itemsize and x.dtype.is_floating_point:
+            # a narrower adapter (a frozen bf16 correction, lorakit.quant.qera) on a wider input: compute in the
+            # input's dtype, as the same tensors would once folded into a float32 adapter
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        return A, B
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or torch.float32
-        delta = (self.lora_B_dense(name).to(dtype) @ self.lora_A[name].to(dtype)).mul_(self.scaling[name])
+        delta = ops.delta_weight(self.lora_A[name], self.lora_B_dense(name), self.scaling[name], dtype or torch.float32)
         return delta.T if self.fan_in_fan_out else delta
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:
@@ -97,41 +106,16 @@ class LoraLinear(LoraLayer):
     def from_oi(self, w: torch.Tensor) -> torch.Tensor:
         return w.T if self.fan_in_fan_out else w
 
-    def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        A = self.lora_A[name]
-        return (h.to(A.dtype) @ A.T) @ self.lora_B_dense(name).T * self.scaling[name]
-
-    def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], (self.lora_B_dense(name) if self.slices else self.lora_B[name])
-        if A.dtype.itemsize < x.dtype.itemsize and x.dtype.is_floating_point:
-            # a narrower adapter (a frozen bf16 correction, lorakit.quant.qera) on a wider input: compute in the
-            # input's dtype, as the same tensors would once folded into a float32 adapter
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        h = x.to(A.dtype)
-        p = self.lora_dropout[name]
-        if p and self.training:
-            h = F.dropout(h, p, True)
-        xa = h @ A.T  # (..., r): computed once, the only O(in * r) work
-        if result.dtype == B.dtype:
-            # accumulate straight into the base output: one fused GEMM + add
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
-            return out.view(result.shape)
-        return result + (xa @ B.T * self.scaling[name]).to(result.dtype)
-
     def add_lora_mixed(self, result: torch.Tensor, x: torch.Tensor, rows) -> torch.Tensor:
         """Each row `b` adds `B[slot_b] A[slot_b] x_b`: two gathered batched products, or for
-        short inputs and few adapters two masked dense products (see `lorakit.mixed`)."""
-        from ..mixed import DENSE_MAX
-
-        batch = check_rows(rows, x)
+        short inputs and few adapters two masked dense products (see `lorakit.layers.rows`)."""
+        batch = rows.check(x)
         h = x.reshape(batch, -1, x.shape[-1]).to(rows.A.dtype)
-        if rows.A_cat is not None and (len(rows.names) - 1) * h.shape[1] <= DENSE_MAX:
-            delta = (h @ rows.A_cat.T).mul_(rows.row_mask) @ rows.B_cat.T
+        if rows.dense(h.shape[1]):
+            delta = ops.masked_low_rank(h, rows.A_cat, rows.B_cat, rows.row_mask)
         else:
-            A, B = rows.A[rows.index], rows.B[rows.index]  # (batch, r, in), (batch, out, r)
-            delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
+            delta = ops.rowwise_low_rank(h, rows.A, rows.B, rows.index)
         return result + delta.reshape(result.shape).to(result.dtype)
-
 
 
 class SliceSpec:

@@ -10,28 +10,21 @@
 With `lk.quant.qera_quantize(model, calibration_batches)` instead of `lk.quantize`, a frozen
 low-rank correction of the NF4 error sits beside every 4-bit layer (QERA; see `lorakit.quant.qera`).
 
-The engine is bitsandbytes (`pip install 'lorakit[qlora]'`); see `lorakit.quant.nf4`
-for why, and docs/qlora.md. Importing this package does not import bitsandbytes:
+The engine is bitsandbytes (`pip install 'lorakit[qlora]'`); see `lorakit.ops.nf4`
+(the format) for why, and docs/qlora.md. This package is the model level: which layers
+(`quantize`), what they store (`bits_per_param`, `base_weight_memory`), merging (`merge`),
+the NF4 error correction (`qera`). Importing this package does not import bitsandbytes:
 lorakit works without it, and asking for quantization without it raises `QuantError`.
 """
 
-from .nf4 import (
-    ENGINES,
-    QuantError,
-    QuantReport,
-    base_weight_memory,
-    bits_per_param,
-    dequantize_weight,
-    guard_cpu_repack,
-    is_quantized_linear,
-    quantize,
-    quantized_layers,
-)
+from ..errors import QuantError
+from ..ops.nf4 import ENGINES, dequantize_weight, guard_cpu_repack, is_quantized_linear, quantized_layers
+from .quantize import QuantReport, base_weight_memory, bits_per_param, quantize, select_linear_layers
 from .merge import MergeReport, merge_quantized
 from .qera import QeraReport, add_corrections, error_corrections, fold_corrections, qera_quantize
 
 __all__ = [
     "quantize", "QuantError", "QuantReport", "bits_per_param", "base_weight_memory", "dequantize_weight",
     "is_quantized_linear", "quantized_layers", "guard_cpu_repack", "merge_quantized", "MergeReport", "ENGINES",
-    "qera_quantize", "error_corrections", "add_corrections", "fold_corrections", "QeraReport",
+    "select_linear_layers", "qera_quantize", "error_corrections", "add_corrections", "fold_corrections", "QeraReport",
 ]

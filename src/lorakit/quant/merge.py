@@ -1,7 +1,7 @@
 """Merging LoRA adapters into a 4-bit base: dequantize, add `delta_weight` in float32, write once.
 
-`lorakit.merge_and_unload` calls `merge_quantized` (with its defaults) for a model
-with 4-bit LoRA layers; call it directly for the options and the rounding report.
+`lorakit.merge_and_unload` gives the same model as `merge_quantized` with its defaults;
+call this for the options (`dtype`, `requantize`) and the rounding report.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..layers import LoraLinear4bit
+from ..layers.linear4bit import dense_linear
+from ..merge import drop_quantization_config, merge_and_unload
+from ..ops.nf4 import quantized_layers
+from ..state import get_state, lora_layers, replace_module, unwrap
 
 
 @dataclass
@@ -76,7 +82,8 @@ class MergeReport:
                 "weight_rms": self.weight_rms, "requantized": self.requantized, "dtype": self.dtype}
 
 
-def merge_quantized(model: nn.Module, *, dtype: torch.dtype | None = None, requantize: bool = False) -> tuple[nn.Module, MergeReport]:
+def merge_quantized(model: nn.Module, *, dtype: torch.dtype | None = None,
+                    requantize: bool = False) -> tuple[nn.Module, MergeReport]:
     """`merge_and_unload` for a model with 4-bit LoRA layers, with the rounding report.
 
     Every 4-bit LoRA layer with an active adapter becomes, from its packed original:
@@ -92,11 +99,6 @@ def merge_quantized(model: nn.Module, *, dtype: torch.dtype | None = None, requa
     Returns:
         `(model, report)`: the model (same object, adapters removed) and a `MergeReport`.
     """
-    from ..merge import merge_and_unload
-    from ..state import get_state, lora_layers, replace_module, unwrap
-    from .layer import LoraLinear4bit, dense_linear
-    from .nf4 import quantized_layers
-
     inner = unwrap(model)
     names = get_state(inner).active
     report = MergeReport(requantized=requantize)
@@ -117,20 +119,7 @@ def merge_quantized(model: nn.Module, *, dtype: torch.dtype | None = None, requa
             report.dequantized += 1
         if report.dtype is None:
             report.dtype = str(dtype).replace("torch.", "") if dtype is not None else None
-        _drop_quantization_config(inner)
+        drop_quantization_config(inner)
     else:
         report.dtype = "nf4"
     return merge_and_unload(inner), report
-
-
-def _drop_quantization_config(model: nn.Module) -> None:
-    """A transformers model that no longer has 4-bit layers should not claim to be quantized."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "quantization_config", None) is not None:
-        try:
-            del config.quantization_config
-        except AttributeError:
-            config.quantization_config = None
-    for attr, value in (("hf_quantizer", None), ("is_loaded_in_4bit", False), ("is_quantized", False)):
-        if attr in model.__dict__:
-            setattr(model, attr, value)

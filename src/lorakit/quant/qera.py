@@ -36,7 +36,14 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .nf4 import QuantError, dequantize_weight, is_quantized_linear, quantize, quantize_weight
+from ..combine import combine
+from ..config import LoraConfig
+from ..errors import LoraError, QuantError
+from ..inject import delete_adapter, inject, set_active
+from ..layers import LoraLayer
+from ..ops.nf4 import dequantize_weight, is_quantized_linear, quantize_weight, quantized_layers
+from ..state import get_state, has_adapters, lora_layers, save_wrappers
+from .quantize import quantize, select_linear_layers
 
 DAMPING = 0.01
 
@@ -109,8 +116,9 @@ def input_covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     """
     out: dict[str, torch.Tensor] = {}
     tokens = 0
-    for group, tokens in covariance_groups(model, batches, paths, max_bytes=max_bytes):
+    for group, group_tokens in covariance_groups(model, batches, paths, max_bytes=max_bytes):
         out.update(group)
+        tokens = group_tokens  # every group counts the same calibration tokens
     return out, tokens
 
 
@@ -134,13 +142,15 @@ def covariance_groups(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
         size += b
     batches = list(batches)
     if not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
-        raise QuantError("calibration batches must be a list of dicts of model inputs (input_ids, attention_mask, ...), "
+        raise QuantError("calibration batches must be a list of dicts of model inputs (input_ids, attention_mask, "
+                         "...), "
                          "e.g. [{'input_ids': ids, 'attention_mask': mask}, ...]")
     for group in groups:
         yield _covariances(model, modules, batches, group)
 
 
-def _covariances(model: nn.Module, modules: dict[str, nn.Module], batches: list, group: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+def _covariances(model: nn.Module, modules: dict[str, nn.Module], batches: list,
+                 group: list[str]) -> tuple[dict[str, torch.Tensor], int]:
     """One calibration pass with the layers of `group` hooked (see `input_covariances`)."""
     mask: dict[str, torch.Tensor | None] = {"m": None}
     sums = {p: torch.zeros(modules[p].in_features, modules[p].in_features, dtype=torch.float64,
@@ -180,7 +190,8 @@ def _covariances(model: nn.Module, modules: dict[str, nn.Module], batches: list,
     return {p: s.div_(tokens) for p, s in sums.items()}, tokens
 
 
-def error_correction(error: torch.Tensor, covariance: torch.Tensor, r: int, *, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor, float]:
+def error_correction(error: torch.Tensor, covariance: torch.Tensor, r: int, *,
+                     damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The rank-`r` minimiser of `tr((E - C) H (E - C)^T)` (QERA Theorem 1), as factors.
 
     Args:
@@ -230,20 +241,20 @@ def error_corrections(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     Raises:
         QuantError: no calibration tokens, a bad rank or damping; as `quantize` for the selection.
     """
-    from ..state import has_adapters
-    from .nf4 import quantized_layers, select_linear_layers
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise QuantError(f"correction rank must be an integer >= 1, got {rank!r}")
     if has_adapters(model):
-        raise QuantError("this model already has lorakit adapters: compute the corrections (qera_quantize) before lorakit.inject")
+        raise QuantError("this model already has lorakit adapters: compute the corrections (qera_quantize) before "
+                         "lorakit.inject")
     if quantized_layers(model):
         raise QuantError("this model already has 4-bit layers: the corrections need the full-precision weights "
                          "(call qera_quantize instead of lorakit.quantize, on the unquantized model)")
     chosen = select_linear_layers(model, modules, exclude_modules, include_head)
     small = [(p, min(m.weight.shape)) for p, m in chosen if min(m.weight.shape) < rank]
     if small:
-        raise QuantError(f"correction rank {rank} is above the smallest dimension of layer {small[0][0]!r} ({small[0][1]})")
+        raise QuantError(f"correction rank {rank} is above the smallest dimension of layer {small[0][0]!r} "
+                         f"({small[0][1]})")
     modules = dict(chosen)
     corrections: dict[str, Correction] = {}
     report = QeraReport()
@@ -273,10 +284,6 @@ def add_corrections(model: nn.Module, corrections: Mapping[str, Correction], *, 
         QuantError: a path that is not a 4-bit layer, or whose 4-bit weight is not the one
             the correction was computed for (another blocksize / double_quant).
     """
-    from ..config import LoraConfig
-    from ..inject import inject, set_active
-    from ..layers.base import LoraLayer
-    from ..state import get_state, has_adapters, lora_layers
 
     modules = dict(model.named_modules())
     for path, c in corrections.items():
@@ -316,21 +323,18 @@ def fold_corrections(model: nn.Module, adapter: str | None = None, *, correction
     the two ranks, `B = [B * scaling, B0]`, `A = [A; A0]` in float32, so it computes
     `dequant(Q) + C + delta` on a *plain* NF4 base: save it, and it loads in lorakit or
     PEFT on any bitsandbytes 4-bit model. The two sources are deleted; the new adapter
-    (trainable, active) takes `adapter`'s name and keeps its `modules_to_save` copies. `adapter`: default the model's other adapter.
+    (trainable, active) takes `adapter`'s name and keeps its `modules_to_save` copies. `adapter`: default the
+    model's other adapter.
 
     Returns the adapter's name. Raises `LoraError` if the model does not hold exactly the
     correction and one other adapter (or `adapter` is not it).
     """
-    from ..combine import combine
-    from ..errors import LoraError
-    from ..inject import delete_adapter, set_active
-    from ..inject import inject
-    from ..state import get_state, lora_layers, save_wrappers
 
     state = get_state(model)
     others = [a for a in state.configs if a != correction]
     if correction not in state.configs or len(others) != 1 or (adapter is not None and adapter != others[0]):
-        raise LoraError(f"fold_corrections needs the correction {correction!r} and one other adapter; this model has {sorted(state.configs)}")
+        raise LoraError(f"fold_corrections needs the correction {correction!r} and one other adapter; this model has "
+                        f"{sorted(state.configs)}")
     name = others[0]
     trained = state.configs[name]
     combine(model, {name: 1.0, correction: 1.0}, "cat", "_folded")

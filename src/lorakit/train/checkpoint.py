@@ -42,9 +42,13 @@ from typing import Any, Callable
 
 import torch
 
-from ..fileio import _fsync_dir, atomic_write_bytes, atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .errors import CheckpointError, RecipeError, TrainingDiverged
 from .loop import LoopResult, LoopState
+from ..errors import LoraError
+from ..io import read_adapter
+from .recipe import Recipe, apply
+from ..io import load_adapter, save_adapter
 
 FORMAT = "lorakit-checkpoint"
 VERSION = 1
@@ -162,11 +166,13 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     root = path / CHECKPOINTS
     latest = root / LATEST
     if not latest.is_file():
-        raise CheckpointError(f"--resume {path}: no checkpoint there (no {latest}); checkpoints are written by lorakit train "
+        raise CheckpointError(f"--resume {path}: no checkpoint there (no {latest}); checkpoints are written by "
+                              "lorakit train "
                               "every save_every steps")
     name = latest.read_text(encoding="utf-8", errors="replace").strip()
     if not _STEP_RE.match(name):
-        raise CheckpointError(f"--resume {path}: {latest} is corrupt (it should name a step-NNNNNN folder, it holds {name[:40]!r})")
+        raise CheckpointError(f"--resume {path}: {latest} is corrupt (it should name a step-NNNNNN folder, it holds "
+                              f"{name[:40]!r})")
     if not (root / name).is_dir():
         raise CheckpointError(f"--resume {path}: {latest} names {name}, which does not exist")
     return root / name, path
@@ -184,8 +190,10 @@ def read_state(folder: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {STATE} is not a lorakit checkpoint")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {folder} has format version {state.get('version')!r}; this lorakit reads version {VERSION}")
-    missing = [k for k in ("step", "recipe", "files", "data", "trainable", "optimizer", "scheduler", "rng", "loop", "world_size")
+        raise CheckpointError(f"checkpoint {folder} has format version {state.get('version')!r}; this lorakit reads "
+                              f"version {VERSION}")
+    missing = [k for k in ("step", "recipe", "files", "data", "trainable", "optimizer", "scheduler", "rng", "loop",
+                           "world_size")
                if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {STATE} lacks {', '.join(missing)}")
@@ -199,7 +207,8 @@ def _verify_files(folder: Path, state: dict[str, Any]) -> None:
             raise CheckpointError(f"checkpoint {folder} is incomplete: {rel} is missing")
         size = file.stat().st_size
         if size != meta["bytes"]:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {rel} has {size} bytes, {meta['bytes']} were written (truncated?)")
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {rel} has {size} bytes, {meta['bytes']} were "
+                                  "written (truncated?)")
         if _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {rel} does not match its recorded sha256")
 
@@ -241,7 +250,8 @@ class Checkpoint:
         loop = self.state["loop"]
         names = {f.name for f in dataclasses.fields(LoopResult)}
         result = LoopResult(**{k: v for k, v in loop.items() if k in names})
-        return LoopState(step=self.step, optimizer=optimizer_from_files(self.optimizer_tensors, self.state["optimizer"]),
+        return LoopState(step=self.step,
+                         optimizer=optimizer_from_files(self.optimizer_tensors, self.state["optimizer"]),
                          scheduler=self.state["scheduler"], result=result)
 
     def restore_rng(self, rank: int, world_size: int) -> None:
@@ -252,9 +262,8 @@ class Checkpoint:
 
     def load_adapter(self, model) -> None:
         """Inject and load the checkpoint's adapter (trainable) into a base model without adapters."""
-        import lorakit as lk
 
-        lk.load_adapter(model, self.folder / ADAPTER)
+        load_adapter(model, self.folder / ADAPTER)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -264,8 +273,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: no checkpoint, a missing / truncated / corrupted file (named), or an
             adapter that does not read back.
     """
-    from ..errors import LoraError
-    from ..io import read_adapter
 
     folder, run_folder = find_checkpoint(path)
     state = read_state(folder)
@@ -291,7 +298,6 @@ def check_resume_recipe(recorded: dict[str, Any], recipe, step: int, where: Path
         CheckpointError: a field outside `RESUME_MAY_CHANGE` differs (field and both values
             named), or `steps` is below the checkpoint's step.
     """
-    from .recipe import Recipe, apply
 
     try:
         base = apply(Recipe(), _with_old_defaults(recorded))
@@ -304,7 +310,8 @@ def check_resume_recipe(recorded: dict[str, Any], recipe, step: int, where: Path
             continue
         if f.name not in RESUME_MAY_CHANGE:
             raise CheckpointError(
-                f"--resume: recipe field {f.name!r} is {ours!r} here but {theirs!r} in checkpoint {where}; a resumed run keeps "
+                f"--resume: recipe field {f.name!r} is {ours!r} here but {theirs!r} in checkpoint {where}; a resumed "
+                "run keeps "
                 f"its recorded recipe (only {', '.join(RESUME_MAY_CHANGE)} may change)")
         changed.append(f.name)
     if recipe.steps < step:
@@ -321,14 +328,14 @@ def resume_recipe(path: str | Path, asked=None, overrides: dict[str, Any] | None
         CheckpointError: see `find_checkpoint`, `read_state`, `check_resume_recipe`; or `--out`
             naming another folder than `--resume`.
     """
-    from .recipe import Recipe, apply
 
     folder, run_folder = find_checkpoint(path)
     state = read_state(folder)
     overrides = dict(overrides or {})
     out = overrides.pop("out", None)
     if out is not None and Path(out).resolve() != run_folder.resolve():
-        raise CheckpointError(f"--out {out} and --resume {path} name different folders; a resumed run writes into its own folder")
+        raise CheckpointError(f"--out {out} and --resume {path} name different folders; a resumed run writes into "
+                              "its own folder")
     try:
         base = apply(Recipe(), _with_old_defaults(state["recipe"]))
     except RecipeError as exc:
@@ -358,7 +365,8 @@ class CheckpointWriter:
         """The newest complete checkpoint of this run, or None."""
         return self.root / self.saved[-1] if self.saved else None
 
-    def save(self, step: int, *, model, optimizer, scheduler, result: LoopResult, trainable: list[str], recipe: dict[str, Any],
+    def save(self, step: int, *, model, optimizer, scheduler, result: LoopResult, trainable: list[str],
+             recipe: dict[str, Any],
              data: dict[str, Any], world_size: int, rng: list[dict[str, Any]], job: dict[str, Any],
              fail_at: Callable[[str], None] | None = None) -> Path:
         """Write the checkpoint of `step` and make it the latest; returns its folder.
@@ -372,7 +380,6 @@ class CheckpointWriter:
         Raises:
             TrainingDiverged: a trainable tensor is NaN or infinite (nothing is written).
         """
-        import lorakit as lk
         from safetensors.torch import save as safetensors_save
 
         stage = fail_at or (lambda name: None)
@@ -387,7 +394,7 @@ class CheckpointWriter:
             shutil.rmtree(tmp)
         tmp.mkdir()
         stage("adapter")
-        lk.save_adapter(model, tmp / ADAPTER)
+        save_adapter(model, tmp / ADAPTER)
         stage("optimizer")
         opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
         atomic_write_bytes(tmp / OPTIMIZER, safetensors_save(opt_tensors, metadata={"format": "pt"}))
@@ -410,7 +417,7 @@ class CheckpointWriter:
                  "rng": rng_json, "loop": loop, "job": job, "files": files}
         stage("state")
         atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         stage("rename")
         final = self.root / name
         old = None
@@ -418,7 +425,7 @@ class CheckpointWriter:
             old = self.root / f".old-{name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         stage("latest")
         atomic_write_text(self.root / LATEST, name + "\n")
         if name in self.saved:
@@ -435,9 +442,10 @@ class CheckpointWriter:
     def _prune(self) -> None:
         keep = set(self.saved[-self.keep:])
         for entry in self.root.iterdir():
-            if entry.is_dir() and entry.name not in keep and (_STEP_RE.match(entry.name) or entry.name.startswith((".tmp-", ".old-"))):
+            ours = _STEP_RE.match(entry.name) or entry.name.startswith((".tmp-", ".old-"))
+            if entry.is_dir() and entry.name not in keep and ours:
                 shutil.rmtree(entry, ignore_errors=True)
-        self.saved = self.saved[-self.keep:]
+        self.saved = self.saved[-self.keep :]
 
 
 def earlier_checkpoint(run_folder: Path) -> int | None:

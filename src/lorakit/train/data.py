@@ -120,7 +120,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"data file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                    raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got "
+                                    f"{type(row).__name__}")
                 rows.append(row)
         return rows
     import pandas as pd
@@ -150,7 +151,8 @@ def _require_fields(path: str, rows: list[dict[str, Any]], fields: list[tuple[st
     present = sorted({k for row in rows for k in row})
     for option, name in fields:
         if not any(name in row for row in rows):
-            raise DataError(f"field {name!r} ({option}) is not in {path}; its fields are: {', '.join(map(str, present))}")
+            raise DataError(f"field {name!r} ({option}) is not in {path}; its fields are: "
+                            f"{', '.join(map(str, present))}")
 
 
 def classification_file(path: str, text_field: str, label_field: str) -> Dataset:
@@ -171,7 +173,8 @@ def classification_file(path: str, text_field: str, label_field: str) -> Dataset
             label = int(label)  # CSV reads an int column with gaps as float; gaps were caught above
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise DataError(
-                f"{path}: label field {label_field!r} must hold strings or integers; row {i} has {label!r} ({type(label).__name__})"
+                f"{path}: label field {label_field!r} must hold strings or integers; row {i} has {label!r} "
+                f"({type(label).__name__})"
             )
         if isinstance(label, str) and not label.strip():
             raise DataError(f"{path}: row {i} has an empty label in field {label_field!r}")
@@ -184,7 +187,8 @@ def classification_file(path: str, text_field: str, label_field: str) -> Dataset
         raise DataError(f"{path}: label field {label_field!r} mixes strings and integers; use one kind")
     _enough(path, examples)
     if len({e["label"] for e in examples}) < 2:
-        raise DataError(f"{path}: label field {label_field!r} has a single value; classification needs at least two labels")
+        raise DataError(f"{path}: label field {label_field!r} has a single value; classification needs at least two "
+                        "labels")
     return Dataset(str(path), "classification", examples, skipped)
 
 

@@ -71,8 +71,10 @@ def world_from_env(env: dict[str, str] | None = None) -> World | None:
 def check_supported(recipe, world_size: int) -> None:
     """Refuse the combinations that cannot work. Raises `RecipeError`."""
     if world_size > 1 and recipe.parallel == "fsdp2" and recipe.quantize == "nf4":
-        raise RecipeError("parallel 'fsdp2' with quantize 'nf4' is not supported: FSDP2 (fully_shard) cannot shard bitsandbytes "
-                          "Linear4bit weights (packed Params4bit with a separate quantization state); use --parallel ddp with nf4")
+        raise RecipeError("parallel 'fsdp2' with quantize 'nf4' is not supported: FSDP2 (fully_shard) cannot shard "
+                          "bitsandbytes "
+                          "Linear4bit weights (packed Params4bit with a separate quantization state); use --parallel "
+                          "ddp with nf4")
 
 
 def threads_per_process(threads: int | None, local_world_size: int) -> int:
@@ -135,7 +137,8 @@ class Distributed:
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+            ignore = [n for n,
+                      p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
             wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             wrapped.register_comm_hook(self, _counting_allreduce_hook)
@@ -197,7 +200,8 @@ class Distributed:
     def stats(self) -> dict[str, Any]:
         trainable = sum(p.numel() for p in self._trainable)
         return {"world_size": self.world_size, "backend": self.backend, "parallel": self.parallel,
-                "gradient_allreduce": dict(self.reduced), "trainable_tensors": len(self._trainable), "trainable_numel": trainable,
+                "gradient_allreduce": dict(self.reduced), "trainable_tensors": len(self._trainable),
+                "trainable_numel": trainable,
                 "frozen_bytes_on_rank0": getattr(self, "frozen_bytes_here", None)}
 
     def finish(self) -> None:
@@ -258,5 +262,6 @@ def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
     (`torch.distributed.run --standalone`: a local rendezvous on a free port). Returns the exit code."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_process(threads, nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit",
+           *argv]
     return subprocess.call(cmd, env=env)

@@ -10,6 +10,10 @@ class RecipeError(LoraError, ValueError):
     """A recipe field (from a file, a flag or a preset) is unknown or invalid; the message names it."""
 
 
+class RecipeFileNotFound(RecipeError, FileNotFoundError):
+    """A recipe file that does not exist."""
+
+
 class DataError(LoraError, ValueError):
     """A data file is missing, empty, unreadable, lacks a named field, or has unusable labels."""
 

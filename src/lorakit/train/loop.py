@@ -28,8 +28,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..errors import UsageError
 from .errors import TrainingDiverged
 from .tasks import autocast
+from ..loraplus import loraplus_param_groups
 
 
 @dataclass
@@ -127,17 +129,113 @@ class _Local:
         return values
 
 
+def _start(model, params: list, config: LoopConfig, resume: LoopState | None):
+    """`(optimizer, scheduler, result)` for a fresh run, or restored from `resume`."""
+    if not params:
+        raise UsageError("the model has no trainable parameters")
+    optimizer, scheduler = make_optimizer(model, params, config)
+    result = LoopResult()
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        result = copy.deepcopy(resume.result)
+        result.start_step = resume.step
+    return optimizer, scheduler, result
+
+
+def _evaluate(evaluate, step: int, result: LoopResult, log: Callable[[str], None]) -> None:
+    """Run `evaluate` (if any), record its metrics at `step` and log them above the progress bar."""
+    if evaluate is None:
+        return
+    from tqdm.auto import tqdm  # an optional dependency of the job
+
+    t = time.perf_counter()
+    metrics = evaluate()
+    result.eval_seconds += time.perf_counter() - t
+    result.evals.append({"step": step, **metrics})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
+        log(f"eval @ step {step}: {shown}")
+
+
+def _record_step(result: LoopResult, step: int, seconds: float, cpu_seconds: float, loss: float, lr: float,
+                 grad_norm: torch.Tensor, tokens: int) -> None:
+    result.step_seconds.append(seconds)
+    result.step_cpu_seconds.append(cpu_seconds)
+    result.train_seconds += seconds
+    result.tokens += tokens
+    result.last_step = step
+    result.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens})
+
+
+def _show_step(bar, log: Callable[[str], None], is_main: bool, config: LoopConfig, result: LoopResult) -> None:
+    """Advance the progress bar; without one (not a terminal), log every `log_every` steps."""
+    h = result.history[-1]
+    bar.update(1)
+    bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}")
+    step = h["step"]
+    if bar.disable and is_main and (step % config.log_every == 0 or step == 1 or step == config.steps):
+        log(f"step {step}/{config.steps}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  grad_norm {h['grad_norm']:.3f}  "
+            f"{result.tokens_per_second:.0f} tok/s")
+
+
+def _accumulate(model, loss_fn, batches, config: LoopConfig, device, dtype, sync, step: int) -> tuple[float, int]:
+    """Forward and backward over `grad_accum` micro-batches: `(mean loss over processes, tokens of all)`.
+
+    Raises `TrainingDiverged` if any process saw a non-finite loss (no optimizer step is taken)."""
+    total_loss, tokens, bad_loss = 0.0, 0, None
+    for i in range(config.grad_accum):
+        batch = next(batches)
+        # gradients are synchronised across processes on the last micro-batch only
+        with sync.no_sync(model) if i < config.grad_accum - 1 else contextlib.nullcontext():
+            with autocast(device, dtype):
+                loss, n = loss_fn(model, batch)
+            (loss / config.grad_accum).backward()
+        value = loss.item()
+        if bad_loss is None and not math.isfinite(value):
+            bad_loss = value
+        total_loss += value / config.grad_accum
+        tokens += n
+    where = ""
+    if sync.world_size > 1:  # the mean loss over processes, the tokens of all, any non-finite loss
+        loss_sum, tokens_sum, bad = sync.sum([total_loss, float(tokens), float(bad_loss is not None)])
+        total_loss, tokens = loss_sum / sync.world_size, int(tokens_sum)
+        where = f" (on rank {sync.rank} of {sync.world_size})"
+        if bad and bad_loss is None:
+            bad_loss, where = float("nan"), " (on another rank)"
+    if bad_loss is not None:
+        raise TrainingDiverged(f"the loss became {bad_loss}{where} at step {step}; lower the learning rate "
+                               f"(lr={config.lr})")
+    return total_loss, tokens
+
+
+def _optimizer_step(params, optimizer, scheduler, config: LoopConfig, step: int) -> tuple[torch.Tensor, float]:
+    """Clip, step, advance the schedule: `(global gradient norm before clipping, the lr used)`.
+
+    Raises `TrainingDiverged` (before stepping) if the gradient norm is not finite."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise TrainingDiverged(f"the gradients became non-finite at step {step} (global norm {float(grad_norm)}); "
+                               f"lower the learning rate (lr={config.lr})")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def make_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], config: LoopConfig):
     """`(AdamW, LambdaLR)` for the trainable `params` of `model` as the loop builds them: one
     group at `config.lr`, or LoRA+'s groups (`lorakit.loraplus_param_groups`)."""
     if config.loraplus_ratio:
-        from ..variants.loraplus import loraplus_param_groups
 
-        groups = loraplus_param_groups(model, lr=config.lr, ratio=config.loraplus_ratio, weight_decay=config.weight_decay)
+        groups = loraplus_param_groups(model, lr=config.lr, ratio=config.loraplus_ratio,
+                                       weight_decay=config.weight_decay)
     else:
         groups = [{"params": params}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lr_lambda(config.schedule, config.warmup_steps, config.steps))
     return optimizer, scheduler
 
 
@@ -189,93 +287,39 @@ def train(
         The `LoopResult`; `last_step` is `config.steps`, or `stop_after` when it stopped early
         (then the final evaluation is skipped and the model stays in training mode).
     Raises:
-        ValueError: the model has no trainable parameter.
+        UsageError: the model has no trainable parameter.
         TrainingDiverged: the loss or the gradient norm became NaN or infinite (step named;
             the optimizer step is not taken).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # an optional dependency of the job
 
     sync = sync or _Local()
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer, scheduler = make_optimizer(model, params, config)
-    result = LoopResult()
-    first = 1
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        result = copy.deepcopy(resume.result)
-        first = resume.step + 1
-    result.start_step = first - 1
+    optimizer, scheduler, result = _start(model, params, config, resume)
+    first = result.start_step + 1
     last = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
 
     def run_eval(step: int) -> None:
-        if evaluate is None:
-            return
-        t = time.perf_counter()
-        metrics = evaluate()
-        result.eval_seconds += time.perf_counter() - t
-        result.evals.append({"step": step, **metrics})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
-            log(f"eval @ step {step}: {shown}")
+        _evaluate(evaluate, step, result, log)
 
     if first == 1:
         run_eval(0)
     model.train()
     bar = tqdm(total=config.steps, initial=first - 1, desc="train", unit="step", disable=None if sync.is_main else True,
                file=sys.stderr, dynamic_ncols=True)
-    plain = bar.disable
     try:
         for step in range(first, last + 1):
             t, cpu = time.perf_counter(), time.process_time()
-            total_loss, tokens, bad_loss = 0.0, 0, None
-            for i in range(config.grad_accum):
-                batch = next(batches)
-                # gradients are synchronised across processes on the last micro-batch only
-                with sync.no_sync(model) if i < config.grad_accum - 1 else contextlib.nullcontext():
-                    with autocast(device, dtype):
-                        loss, n = loss_fn(model, batch)
-                    (loss / config.grad_accum).backward()
-                value = loss.item()
-                if bad_loss is None and not math.isfinite(value):
-                    bad_loss = value
-                total_loss += value / config.grad_accum
-                tokens += n
+            total_loss, tokens = _accumulate(model, loss_fn, batches, config, device, dtype, sync, step)
             sync.reduce_gradients(params)
-            where = ""
-            if sync.world_size > 1:  # the mean loss over processes, the tokens of all, any non-finite loss
-                loss_sum, tokens_sum, bad = sync.sum([total_loss, float(tokens), float(bad_loss is not None)])
-                total_loss, tokens = loss_sum / sync.world_size, int(tokens_sum)
-                where = f" (on rank {sync.rank} of {sync.world_size})"
-                if bad and bad_loss is None:
-                    bad_loss, where = float("nan"), " (on another rank)"
-            if bad_loss is not None:
-                raise TrainingDiverged(f"the loss became {bad_loss}{where} at step {step}; lower the learning rate (lr={config.lr})")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"the gradients became non-finite at step {step} (global norm {float(grad_norm)}); "
-                                       f"lower the learning rate (lr={config.lr})")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = _optimizer_step(params, optimizer, scheduler, config, step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            result.step_seconds.append(time.perf_counter() - t)
-            result.step_cpu_seconds.append(time.process_time() - cpu)
-            result.train_seconds += result.step_seconds[-1]
-            result.tokens += tokens
-            result.last_step = step
-            result.history.append({"step": step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens})
+            _record_step(result, step, time.perf_counter() - t, time.process_time() - cpu, total_loss, lr, grad_norm,
+                         tokens)
             if step == 1 or not result.optimizer_state_bytes:
                 result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
-            if plain and sync.is_main and (step % config.log_every == 0 or step == 1 or step == config.steps):
-                log(f"step {step}/{config.steps}  loss {total_loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}  "
-                    f"{result.tokens_per_second:.0f} tok/s")
+            _show_step(bar, log, sync.is_main, config, result)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 run_eval(step)
                 model.train()

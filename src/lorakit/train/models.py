@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from ..merge import count_parameters
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def resolve_model(spec: str) -> ModelSource:
         )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"model {spec!r} is a file but not a .gguf file; pass a Hugging Face model folder or a .gguf file")
+            raise ModelLoadError(f"model {spec!r} is a file but not a .gguf file; pass a Hugging Face model folder "
+                                 "or a .gguf file")
         return ModelSource(spec, str(path), path, True)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model folder {spec!r} has no config.json; it is not a Hugging Face model folder")
@@ -169,7 +171,8 @@ def load_model(source: ModelSource, kind: str, *, num_labels: int | None = None,
                 extra = {}
                 if labels is not None:
                     extra = {"id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch.float32, **extra)
+                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels,
+                                                                           dtype=torch.float32, **extra)
             else:
                 raise ValueError(f"unknown model kind {kind!r}")
     except (OSError, ValueError, KeyError) as exc:
@@ -183,7 +186,6 @@ def load_model(source: ModelSource, kind: str, *, num_labels: int | None = None,
 
 
 def count_all(model: torch.nn.Module) -> int:
-    from ..merge import count_parameters  # packed 4-bit weights count their logical elements
 
     return count_parameters(model)[1]
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, RecipeFileNotFound
+from ..variants.pissa import is_weight_init
+from ..config import LoraConfig
+from ..errors import ConfigError
 
 TASKS = ("classify-lm", "classify-head", "instruct")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -98,7 +101,8 @@ class Recipe:
     test_size: int = 500
     val_size: int = 64
     split_seed: int = 0
-    lora: dict[str, Any] = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    lora: dict[str, Any] = field(
+        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 4
@@ -157,29 +161,29 @@ class Recipe:
             if not isinstance(self.label_words, dict) or not all(
                 isinstance(k, (str, int)) and isinstance(v, str) and v.strip() for k, v in self.label_words.items()
             ):
-                raise RecipeError(f"recipe field 'label_words' must map labels to non-empty words, got {self.label_words!r}")
+                raise RecipeError("recipe field 'label_words' must map labels to non-empty words, got "
+                                  f"{self.label_words!r}")
             self.label_words = {str(k): v for k, v in self.label_words.items()}
         if self.prompt_template is not None:
             if not isinstance(self.prompt_template, str) or "{text}" not in self.prompt_template:
-                raise RecipeError(f"recipe field 'prompt_template' must be a string containing '{{text}}', got {self.prompt_template!r}")
+                raise RecipeError(f"recipe field 'prompt_template' must be a string containing '{{text}}', got "
+                                  f"{self.prompt_template!r}")
             try:
                 self.prompt_template.format(text="x", choices="a, b")
             except (KeyError, IndexError, ValueError) as exc:
-                raise RecipeError(f"recipe field 'prompt_template': only {{text}} and {{choices}} may be used ({exc!r})") from None
+                raise RecipeError(f"recipe field 'prompt_template': only {{text}} and {{choices}} may be used "
+                                  f"({exc!r})") from None
         if self.out is not None and (not isinstance(self.out, str) or not self.out):
             raise RecipeError(f"recipe field 'out' must be a folder path, got {self.out!r}")
-        from ..variants.pissa import is_weight_init
 
         config = self.lora_config()  # validates the lora mapping
         if self.quantize != "none" and self.qera_rank and (is_weight_init(config.init) or config.use_dora):
-            raise RecipeError(f"recipe field 'qera_rank': the frozen NF4 correction cannot be combined with "
-                              f"{'lora.use_dora' if config.use_dora else 'lora.init_lora_weights=' + repr(config.init)} "
+            which = "lora.use_dora" if config.use_dora else f"lora.init_lora_weights={config.init!r}"
+            raise RecipeError(f"recipe field 'qera_rank': the frozen NF4 correction cannot be combined with {which} "
                               "(they read the base weight without it); set qera_rank: 0")
 
     def lora_config(self):
         """The `lorakit.LoraConfig` of this recipe. Raises `RecipeError` for a bad `lora` mapping."""
-        from ..config import LoraConfig
-        from ..errors import ConfigError
 
         if not isinstance(self.lora, dict):
             raise RecipeError(f"recipe field 'lora' must be a mapping of LoraConfig arguments, got {self.lora!r}")
@@ -222,7 +226,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # all-MiniLM-L6-v2 with a sequence-classification head, trained through modules_to_save.
     "sentiment-minilm": {
         "name": "sentiment-minilm", "model": "minilm", "task": "classify-head",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"],
+                 "modules_to_save": ["classifier"]},
         "lr": 1e-3, "steps": 250, "batch_size": 16, "max_length": 64, "eval_every": 50, "warmup_steps": 10,
         "eval_batch_size": 64,
     },
@@ -238,7 +243,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str) -> Recipe:
     """The built-in recipe `name` (see `PRESETS`). Raises `RecipeError` for an unknown name."""
     if name not in PRESETS:
-        raise RecipeError(f"unknown recipe {name!r}; built-in recipes: {', '.join(PRESETS)} (or pass a .yaml/.toml/.json file)")
+        raise RecipeError(f"unknown recipe {name!r}; built-in recipes: {', '.join(PRESETS)} (or pass a "
+                          ".yaml/.toml/.json file)")
     return apply(Recipe(), PRESETS[name])
 
 
@@ -272,7 +278,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file {path} does not exist")
+        raise RecipeFileNotFound(f"recipe file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     try:
@@ -313,7 +319,8 @@ def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | No
     else:
         path = Path(source)
         if path.suffix.lower() not in (".yaml", ".yml", ".toml", ".json") and not path.exists():
-            raise RecipeError(f"unknown recipe {str(source)!r}; built-in recipes: {', '.join(PRESETS)} (or pass a .yaml/.toml/.json file)")
+            raise RecipeError(f"unknown recipe {str(source)!r}; built-in recipes: {', '.join(PRESETS)} (or pass a "
+                              ".yaml/.toml/.json file)")
         data = read_recipe_file(path)
         base = data.pop("preset", "sentiment")
         recipe = apply(preset(str(base)), data)

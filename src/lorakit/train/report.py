@@ -26,7 +26,8 @@ def plot_loss(path: Path, history: list[dict], evals: list[dict], title: str) ->
     ax.plot(steps, losses, color="#9bb7d4", lw=1, label="train loss (per step)")
     if len(losses) >= 5:
         k = max(2, len(losses) // 10)
-        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        windows = [losses[max(0, i - k + 1): i + 1] for i in range(len(losses))]
+        smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, smooth, color="#1f5a96", lw=2, label=f"train loss (mean of {k})")
     ev = [(e["step"], e["loss"]) for e in evals if "loss" in e]
     if ev:
@@ -57,7 +58,8 @@ def markdown(report: dict[str, Any]) -> str:
     rec = r["recipe"]
     lines = [f"# lorakit train: {rec['name']}", ""]
     lines += [f"Model `{r['model']['name']}` ({r['model']['parameters']:,} parameters), task `{rec['task']}`, "
-              f"data `{r['data']['name']}` (train {r['data']['sizes']['train']}, validation {r['data']['sizes']['val']}, "
+              f"data `{r['data']['name']}` (train {r['data']['sizes']['train']}, validation "
+              f"{r['data']['sizes']['val']}, "
               f"held-out test {r['data']['sizes']['test']}; split seed {rec['split_seed']}).", ""]
     lines += ["## Held-out test split", "", "| model | " + " | ".join(r["metric_names"]) + " |",
               "|---|" + "---|" * len(r["metric_names"])]
@@ -71,7 +73,8 @@ def markdown(report: dict[str, Any]) -> str:
     lora = r["lora"]
     lines += ["## LoRA", "",
               f"- r={lora['config']['r']}, alpha={lora['config']['lora_alpha']}, target modules: `{lora['targets']}` "
-              f"({lora['adapted_modules']} modules)" + (f", modules_to_save: `{lora['config']['modules_to_save']}`" if lora['config'].get('modules_to_save') else ""),
+              f"({lora['adapted_modules']} modules)" + (f", modules_to_save: `{lora['config']['modules_to_save']}`"
+                                                          if lora['config'].get('modules_to_save') else ""),
               f"- trainable parameters: {lora['trainable']:,} of {lora['total']:,} ({lora['trainable_percent']:.3f}%)",
               f"- adapter: `{r['adapter']['path']}` ({r['adapter']['bytes']:,} bytes, PEFT layout)", ""]
     q, bw = r.get("quantization"), r.get("base_weights")
@@ -83,24 +86,31 @@ def markdown(report: dict[str, Any]) -> str:
                   f"all base weights {_mib(bw['total_bytes'])}"]
         if q.get("merge"):
             lines.append(f"- merge (dequantize + delta in float32 -> {q['merge']['dtype']}): max |rounding error| "
-                         f"{q['merge']['max_abs_error']:.3g}, RMS {q['merge']['rms_error']:.3g} (update RMS {q['merge']['delta_rms']:.3g})")
+                         f"{q['merge']['max_abs_error']:.3g}, RMS {q['merge']['rms_error']:.3g} (update RMS "
+                         f"{q['merge']['delta_rms']:.3g})")
         lines.append("")
     c = r["checks"]
     lines += ["## Checks", "",
               f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
               f"{c.get('merged_compared', 'test predictions')} identical: {c['merged_predictions_equal']} "
               f"({c['merged_prediction_differences']} differ)",
-              f"- saved adapter reloaded into a fresh base model: max |logit diff| = {c['reload_max_abs_diff']:.3g}", ""]
+              f"- saved adapter reloaded into a fresh base model: max |logit diff| = "
+              f"{c['reload_max_abs_diff']:.3g}", ""]
     t = r["training"]
     lines += ["## Training", "",
-              f"- {t['steps']} steps x {rec['batch_size']} examples x {rec['grad_accum']} accumulation, max {rec['max_length']} tokens, "
-              f"AdamW lr {rec['lr']:g} ({rec['schedule']}, warmup {rec['warmup_steps']}), grad clip {rec['grad_clip']:g}, seed {rec['seed']}",
-              f"- loss: first step {t['first_loss']:.4f}, last step {t['last_loss']:.4f}; validation loss {t['val_loss_before']:.4f} -> {t['val_loss_after']:.4f}",
+              f"- {t['steps']} steps x {rec['batch_size']} examples x {rec['grad_accum']} accumulation, max "
+              f"{rec['max_length']} tokens, "
+              f"AdamW lr {rec['lr']:g} ({rec['schedule']}, warmup {rec['warmup_steps']}), grad clip "
+              f"{rec['grad_clip']:g}, seed {rec['seed']}",
+              f"- loss: first step {t['first_loss']:.4f}, last step {t['last_loss']:.4f}; validation loss "
+              f"{t['val_loss_before']:.4f} -> {t['val_loss_after']:.4f}",
               f"- {t['tokens']:,} tokens in {t['train_seconds']:.1f} s = {t['tokens_per_second']:.0f} tokens/s "
-              f"on {r['environment']['device']} ({r['environment']['precision']}, {r['environment']['threads']} threads)",
+              f"on {r['environment']['device']} ({r['environment']['precision']}, {r['environment']['threads']} "
+              "threads)",
               f"- optimizer state: {_mib(t['optimizer_state_bytes'])}; peak memory: {_mib(t['peak_memory_bytes'])}",
               f"- wall time: {r['timings']['total_seconds']:.0f} s " +
-              "(" + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in r["timings"].items() if k != "total_seconds") + ")", "",
+              "(" + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in r["timings"].items()
+                              if k != "total_seconds") + ")", "",
               "![loss](loss.png)", ""]
     if r.get("samples"):
         lines += ["## Sample answers (held-out prompts, greedy, at most 32 new tokens)", ""]
@@ -116,6 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
 def write_report(out: Path, report: dict[str, Any], history: list[dict], evals: list[dict]) -> None:
     """Write `report.json`, `report.md` and `loss.png` into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss(out / "loss.png", history, evals, f"{report['recipe']['name']}: {report['model']['name']}, LoRA r={report['lora']['config']['r']}")
+    plot_loss(out / "loss.png", history, evals,
+              f"{report['recipe']['name']}: {report['model']['name']}, LoRA r={report['lora']['config']['r']}")
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))

@@ -62,7 +62,8 @@ class Task:
         """`(mean loss over supervised tokens or examples, number of input tokens)`."""
         raise NotImplementedError
 
-    def evaluate(self, model, examples, batch_size: int, device: torch.device, dtype=None) -> tuple[dict[str, float], list]:
+    def evaluate(self, model, examples, batch_size: int, device: torch.device,
+                 dtype=None) -> tuple[dict[str, float], list]:
         raise NotImplementedError
 
     def probe(self, model, examples, device: torch.device, dtype=None) -> torch.Tensor:
@@ -155,7 +156,8 @@ class ClassifyLM(_CausalTask):
         words = recipe.label_words or {}
         unknown = sorted(set(words) - {str(l) for l in self.labels})
         if unknown:
-            raise DataError(f"label_words names labels {unknown} that are not in the data (labels: {[str(l) for l in self.labels]})")
+            raise DataError(f"label_words names labels {unknown} that are not in the data (labels: "
+                            f"{[str(l) for l in self.labels]})")
         self.words = [words.get(str(l), str(l)).strip() for l in self.labels]
         if len(set(self.words)) != len(self.words):
             raise DataError(f"label words must differ, got {self.words}")
@@ -179,7 +181,8 @@ class ClassifyLM(_CausalTask):
         return self.tokenizer(self.prompt(text))["input_ids"]
 
     def batch(self, examples, device):
-        return self._collate([self._encode(self.prompt_ids(e["text"]), self.answer_ids[self.index[e["label"]]]) for e in examples], device)
+        return self._collate([self._encode(self.prompt_ids(e["text"]),
+                                           self.answer_ids[self.index[e["label"]]]) for e in examples], device)
 
     @torch.no_grad()
     def _scores(self, model, prompts: list[list[int]], device) -> torch.Tensor:
@@ -209,7 +212,8 @@ class ClassifyLM(_CausalTask):
         with autocast(device, dtype):
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
-                batch = self._collate([self._encode(prompts[i], self.answer_ids[self.index[examples[i]["label"]]]) for i in idx], device)
+                encoded = [self._encode(prompts[i], self.answer_ids[self.index[examples[i]["label"]]]) for i in idx]
+                batch = self._collate(encoded, device)
                 logits, targets, rows = label_logits(model, batch)
                 logp = torch.log_softmax(logits, dim=-1)
                 if self.single_token:
@@ -244,11 +248,13 @@ class Instruct(_CausalTask):
 
     def describe(self):
         fmt = "chat template" if self.chat else "Question: {prompt}\\nAnswer: {response}<eos>"
-        return {"task": self.name, "format": fmt, "loss": "mean cross-entropy (nats) over response tokens; perplexity = exp(loss)"}
+        return {"task": self.name, "format": fmt,
+                "loss": "mean cross-entropy (nats) over response tokens; perplexity = exp(loss)"}
 
     def prefix_text(self, prompt: str) -> str:
         if self.chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
         return f"Question: {prompt}\nAnswer:"
 
     def encode(self, example) -> tuple[list[int], list[int]]:
@@ -292,7 +298,8 @@ class Instruct(_CausalTask):
                 counts.index_add_(0, t, torch.ones_like(nll))
         model.train(was_training)
         loss = float(sums.sum() / counts.sum())
-        return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(counts.sum()), "n": len(examples)}, (sums / counts).tolist()
+        return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(counts.sum()),
+                "n": len(examples)}, (sums / counts).tolist()
 
 
     @torch.no_grad()
@@ -300,7 +307,8 @@ class Instruct(_CausalTask):
         """Greedy answer to `prompt` (for the report's examples)."""
         model.eval()
         tok = self.tokenizer
-        ids = tok(self.prefix_text(prompt), add_special_tokens=not self.chat, return_tensors="pt")["input_ids"].to(device)
+        ids = tok(self.prefix_text(prompt), add_special_tokens=not self.chat,
+                  return_tensors="pt")["input_ids"].to(device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
@@ -319,7 +327,8 @@ class ClassifyHead(Task):
         self.index = {l: i for i, l in enumerate(self.labels)}
 
     def describe(self):
-        return {"task": self.name, "labels": [str(l) for l in self.labels], "scoring": "argmax of the classification head"}
+        return {"task": self.name, "labels": [str(l) for l in self.labels],
+                "scoring": "argmax of the classification head"}
 
     def batch(self, examples, device):
         enc = self.tokenizer([e["text"] for e in examples], truncation=True, max_length=self.max_length,
@@ -340,7 +349,8 @@ class ClassifyHead(Task):
         """`({"accuracy", "loss" (mean cross-entropy, nats), "n"}, predicted labels)`."""
         was_training = model.training
         model.eval()
-        lengths = [len(self.tokenizer(e["text"], truncation=True, max_length=self.max_length)["input_ids"]) for e in examples]
+        lengths = [len(self.tokenizer(e["text"], truncation=True,
+                                      max_length=self.max_length)["input_ids"]) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
         logits_all = torch.zeros(len(examples), len(self.labels))
         with autocast(device, dtype):
@@ -350,7 +360,8 @@ class ClassifyHead(Task):
         model.train(was_training)
         gold = torch.tensor([self.index[e["label"]] for e in examples])
         pred = logits_all.argmax(dim=1)
-        metrics = {"accuracy": float((pred == gold).float().mean()), "loss": float(F.cross_entropy(logits_all, gold)), "n": len(examples)}
+        metrics = {"accuracy": float((pred == gold).float().mean()), "loss": float(F.cross_entropy(logits_all, gold)),
+                   "n": len(examples)}
         return metrics, [self.labels[i] for i in pred.tolist()]
 
     @torch.no_grad()

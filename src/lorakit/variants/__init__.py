@@ -1,58 +1,32 @@
-"""Variants: how an adapter initialises, runs forward and merges.
+"""Variants: how an adapter runs forward and merges, as small strategies behind `Variant`.
 
-A variant is a small strategy object shared by all layers that use it. Plain LoRA
-is `LoraVariant`; DoRA (`variants/dora.py`) subclasses it. Layers supply the
-kind-specific primitives (`delta_weight`, `add_lora`, `lora_input`, `lora_output`,
-`to_oi`/`from_oi`); variants combine them.
-
-Initialisations derived from the base weight (PiSSA, OLoRA: `variants/pissa.py`)
-and LoRA+ optimiser groups (`variants/loraplus.py`) live here too; rsLoRA is the
-scaling rule `lorakit.config.scaling`. See docs/variants.md.
+The registry is explicit: plain LoRA (`lora.LoraVariant`) and DoRA (`dora.DoraVariant`).
+A variant sees a layer only through the `base.AdaptedLayer` protocol. Weight-derived
+initialisations (PiSSA, OLoRA: `pissa`) are functions on a layer that `lorakit.inject`
+calls; rsLoRA is the scaling rule `lorakit.config.scaling`; LoRA+ is an optimiser
+grouping (`lorakit.loraplus`). See docs/variants.md and docs/architecture.md.
 """
 
 from __future__ import annotations
 
+from ..errors import LoraError
+from .base import AdaptedLayer, Variant
+from .dora import DoraVariant
 from .lora import LoraVariant
 
-_REGISTRY: dict[str, LoraVariant] = {"lora": LoraVariant()}
+VARIANTS: dict[str, Variant] = {"lora": LoraVariant(), "dora": DoraVariant()}
 
 
-def register_variant(variant: LoraVariant) -> None:
-    _REGISTRY[variant.name] = variant
+def register_variant(variant: Variant) -> None:
+    """Add (or replace) a variant under `variant.name`."""
+    VARIANTS[variant.name] = variant
 
 
-def get_variant(name: str) -> LoraVariant:
-    """The shared instance of variant `name` (`"lora"`, `"dora"`, ...)."""
-    if name == "dora" and "dora" not in _REGISTRY:
-        from . import dora  # noqa: F401  (registers itself)
-    return _REGISTRY[name]
+def get_variant(name: str) -> Variant:
+    """The shared instance of variant `name` (`"lora"`, `"dora"`, ...); `LoraError` for an unknown name."""
+    if name not in VARIANTS:
+        raise LoraError(f"no variant named {name!r}; registered: {sorted(VARIANTS)}")
+    return VARIANTS[name]
 
 
-def target_problem(model, config, path: str, module) -> str | None:
-    """Why `config`'s variant or init cannot adapt the module at `path` (None if it can).
-
-    Called by `lorakit.inject.plan` for every target, before the model is changed.
-    `module` is the base module or an existing `LoraLayer`.
-    """
-    from ..layers import LoraLayer, wrapper_for
-
-    if config.use_dora:
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        cls = wrapper_for(base)
-        problem = get_variant("dora").check_layer(cls) if cls is not None else None
-        if problem:
-            return problem
-    from .pissa import target_problem as weight_init_problem
-
-    return weight_init_problem(model, config, path, module)
-
-
-def restore_base_weight(layer) -> None:
-    """Undo a PiSSA/OLoRA residual rewrite of `layer`'s base weight (bit for bit); no-op otherwise."""
-    from .pissa import RECORD_ATTR, restore_original_weight
-
-    if RECORD_ATTR in layer.__dict__:
-        restore_original_weight(layer)
-
-
-__all__ = ["LoraVariant", "get_variant", "register_variant", "target_problem", "restore_base_weight"]
+__all__ = ["AdaptedLayer", "Variant", "LoraVariant", "DoraVariant", "VARIANTS", "get_variant", "register_variant"]

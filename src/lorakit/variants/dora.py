@@ -24,7 +24,7 @@ base weight becomes `W'` (the bias is untouched).
 
 Norm cache. `n` costs a full `(out, in)` product per call, so unmerged inference
 reuses it: under `torch.no_grad()` / `torch.inference_mode()` the norm is cached
-per layer and adapter, keyed by the `_version` counters and storage pointers of
+per layer and adapter (in the layer's `variant_cache`), keyed by the `_version` counters and storage pointers of
 `W0`, `A` and `B`, their dtypes and device, and `scaling`. Any in-place update
 through the parameter itself (an optimiser step, `copy_`, `load_state_dict`,
 `merge`/`unmerge`) bumps a version and so misses the cache. The cache is also
@@ -42,36 +42,27 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..layers.base import compute_dtype
-from . import register_variant
-from .lora import LoraVariant
+from ..ops.lora import compute_dtype
+from .base import AdaptedLayer, Variant
 
-# Where a layer keeps variants' inference caches (adapter name -> entry). `LoraLayer`
-# drops the whole dict on `train()`/`eval()` and when the module is moved or cast.
-CACHE_ATTR = "_variant_cache"
+MAGNITUDE = "lora_magnitude_vector"  # the layer table (and PEFT file key) of the magnitude vectors
 
 
-def unmerged_base_weight(layer) -> torch.Tensor:
-    """`W0` in the base weight's layout: the weight without any merged adapter."""
-    backup = layer._weight_backup
-    return backup if backup is not None else layer.weight.detach()
-
-
-def weight_norm(layer, adapter: str) -> torch.Tensor:
+def weight_norm(layer: AdaptedLayer, adapter: str) -> torch.Tensor:
     """`||W0 + scaling * B A||_c`, shape `(out_features,)`, float32 (float64 for a float64 base), no grad.
 
     `W0` is the unmerged base weight (other adapters merged into the layer do not count,
     as in PEFT), so the forward does not depend on which other adapters are merged.
     """
     with torch.no_grad():
-        w0 = unmerged_base_weight(layer)
+        w0 = layer.unmerged_weight()
         dtype = compute_dtype(w0.dtype)
         full = w0.to(dtype) + layer.delta_weight(adapter, dtype)
         return torch.linalg.vector_norm(layer.to_oi(full), dim=1)
 
 
-def _cache_key(layer, adapter: str) -> tuple:
-    w0, A, B = unmerged_base_weight(layer), layer.lora_A[adapter], layer.lora_B[adapter]
+def _cache_key(layer: AdaptedLayer, adapter: str) -> tuple:
+    w0, A, B = layer.unmerged_weight(), layer.lora_A[adapter], layer.lora_B[adapter]
     return (
         w0._version, w0.data_ptr(), w0.dtype, w0.device,
         A._version, A.data_ptr(), A.dtype, B._version, B.data_ptr(), B.dtype,
@@ -82,40 +73,24 @@ def _cache_key(layer, adapter: str) -> tuple:
 def clear_cache(model: nn.Module) -> None:
     """Drop every cached DoRA weight norm in `model` (needed only after writes that bypass version counters)."""
     for module in model.modules():
-        module.__dict__.pop(CACHE_ATTR, None)
+        cache = getattr(module, "variant_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
 
 
-def _supports_dora(layer_cls: type) -> bool:
-    from ..layers.base import LoraLayer
-
-    return layer_cls.lora_output is not LoraLayer.lora_output and layer_cls.to_oi is not LoraLayer.to_oi
-
-
-class DoraVariant(LoraVariant):
+class DoraVariant(Variant):
     """The DoRA strategy (Liu et al. 2024, arXiv:2402.09353, eq. 5, §4.3); see the module docstring.
 
     Per adapter it adds `layer.lora_magnitude_vector[adapter]: (out_features,)`
     (PEFT file key `<path>.lora_magnitude_vector`), in the adapter's dtype.
-    Supported layers: `nn.Linear`, GPT-2 `Conv1D`, `nn.Embedding`.
+    Layer kinds declare support with `"dora"` in their `supported_variants` (Linear, GPT-2 Conv1D, Embedding).
     """
 
     name = "dora"
 
-    @staticmethod
-    def check_layer(layer_cls: type) -> str | None:
-        """Why DoRA cannot adapt a layer of this `LoraLayer` class (None if it can)."""
-        if not _supports_dora(layer_cls):
-            return f"DoRA (use_dora) supports Linear, GPT-2 Conv1D and Embedding layers, not {layer_cls.__name__}"
-        return None
-
-    def init(self, layer, adapter: str) -> None:
-        problem = self.check_layer(type(layer))
-        if problem:
-            raise UnsupportedModuleError(problem)
-        table = layer._modules.get("lora_magnitude_vector")
-        if table is None:
-            table = nn.ParameterDict()
-            layer.lora_magnitude_vector = table
+    def init(self, layer: AdaptedLayer, adapter: str) -> None:
+        if self.name not in getattr(type(layer), "supported_variants", ()):
+            raise UnsupportedModuleError(f"DoRA (use_dora) is not supported on {type(layer).__name__}")
         A = layer.lora_A[adapter]
         if A.device.type == "meta":
             m = torch.empty(layer.out_features, dtype=A.dtype, device="meta")
@@ -123,32 +98,31 @@ class DoraVariant(LoraVariant):
             # ||W0 + scaling B A||_c: ||W0||_c for a zero-initialised update (paper §4.1);
             # with PiSSA/OLoRA the base is the residual and this is again ||W0_original||_c.
             m = weight_norm(layer, adapter).to(A.dtype)
-        table[adapter] = nn.Parameter(m)
+        layer.adapter_table(MAGNITUDE)[adapter] = nn.Parameter(m)
 
-    def parameters(self, layer, adapter: str) -> dict[str, nn.Parameter]:
-        return {"lora_magnitude_vector": layer.lora_magnitude_vector[adapter]}
+    def parameters(self, layer: AdaptedLayer, adapter: str) -> dict[str, nn.Parameter]:
+        return {MAGNITUDE: layer.adapter_table(MAGNITUDE)[adapter]}
 
-    def delete(self, layer, adapter: str) -> None:
-        del layer.lora_magnitude_vector[adapter]
-        layer.__dict__.get(CACHE_ATTR, {}).pop(adapter, None)
+    def delete(self, layer: AdaptedLayer, adapter: str) -> None:
+        del layer.adapter_table(MAGNITUDE)[adapter]
+        layer.variant_cache.pop((self.name, adapter), None)
 
-    def column_norm(self, layer, adapter: str) -> torch.Tensor:
+    def column_norm(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor:
         """`||W0 + scaling B A||_c` (detached), cached for no-grad inference as described in the module docstring."""
         if torch.compiler.is_compiling():
             return weight_norm(layer, adapter)
         if torch.is_grad_enabled():
-            layer.__dict__.pop(CACHE_ATTR, None)  # parameters may change after a gradient-recording forward
+            layer.variant_cache.clear()  # parameters may change after a gradient-recording forward
             return weight_norm(layer, adapter)
-        cache = layer.__dict__.setdefault(CACHE_ATTR, {})
         key = _cache_key(layer, adapter)
-        hit = cache.get(adapter)
+        hit = layer.variant_cache.get((self.name, adapter))
         if hit is not None and hit[0] == key:
             return hit[1]
         norm = weight_norm(layer, adapter)
-        cache[adapter] = (key, norm)
+        layer.variant_cache[(self.name, adapter)] = (key, norm)
         return norm
 
-    def forward(self, layer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result + (m/n - 1) * W0 x_d + (m/n) * scaling * B A x_d` (see module docstring).
 
         `x: (..., in_features)` (token ids for embeddings), `result: (..., out_features)`
@@ -156,27 +130,23 @@ class DoraVariant(LoraVariant):
         """
         h = layer.lora_input(adapter, x)
         lora = layer.lora_output(adapter, h)  # scaling * B A x_d, adapter dtype
-        m = layer.lora_magnitude_vector[adapter]
+        m = layer.adapter_table(MAGNITUDE)[adapter]
         scale = m / self.column_norm(layer, adapter).to(m.dtype)  # (out,), grad to m only (§4.3)
-        bias = layer.bias
         if h is x:
+            bias = layer.bias
             base = result if bias is None else result - bias
         else:  # dropout: the base term of the update sees the same dropped-out input
-            base = layer.base_layer(h)
-            base = base if bias is None else base - bias
+            base = layer.base_output(h)
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
-    def merged_weight(self, layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         """`(m / ||W0 + dW||_c) * (weight + dW)` in the accumulation dtype, base layout.
 
         `weight` is `W0` plus any adapter merged before this one; the norm uses the
         unmerged `W0`, exactly as the unmerged forward does.
         """
         delta = layer.delta_weight(adapter, weight.dtype)
-        w0 = unmerged_base_weight(layer).to(weight.dtype)
+        w0 = layer.unmerged_weight().to(weight.dtype)
         norm = torch.linalg.vector_norm(layer.to_oi(w0 + delta), dim=1)
-        scale = layer.lora_magnitude_vector[adapter].detach().to(weight.dtype) / norm
+        scale = layer.adapter_table(MAGNITUDE)[adapter].detach().to(weight.dtype) / norm
         return layer.from_oi(layer.to_oi(weight + delta) * scale[:, None])
-
-
-register_variant(DoraVariant())

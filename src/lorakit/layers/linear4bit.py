@@ -19,7 +19,9 @@ changed and never reconstructed by subtraction:
 - `unmerge`: drops the dense weight, or puts the original packed `Params4bit` object
   (codes and constants untouched) back: bit for bit.
 - `to_merged_module`: the plain module for `merge_and_unload` (an `nn.Linear` in
-  `dtype`, or a re-quantized `Linear4bit`), with the rounding error of what was written.
+  `dtype`, or a re-quantized `Linear4bit`), with the rounding error of what was written;
+  `plain_base` makes a 4-bit layer without adapter dense (`merge_and_unload` does, so that
+  the merged model is plain; `lorakit.quant.merge_quantized` has the options).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.linear import LoraLinear
-from .nf4 import dequantize_weight, guard_cpu_repack, make_linear4bit, quantize_weight
+from ..ops.nf4 import dequantize_weight, guard_cpu_repack, make_linear4bit, quantize_weight
+from .linear import LoraLinear
 
 
 @dataclass
@@ -63,7 +65,7 @@ class LoraLinear4bit(LoraLinear):
     float32 (what DoRA's norm and weight-derived code read), recomputed on each access.
     """
 
-    quantized_base = True  # merge_and_unload hands layers with this flag to lorakit.quant.merge_quantized
+    supported_variants = ("lora", "dora")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -74,13 +76,9 @@ class LoraLinear4bit(LoraLinear):
         self.merge_requantize = False
 
     # ------------------------------------------------------------------ shapes and weights
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
 
     @property
     def _packed(self) -> nn.Parameter:
@@ -117,14 +115,14 @@ class LoraLinear4bit(LoraLinear):
 
     # ------------------------------------------------------------------ merge
     def merged_weight(self, names) -> torch.Tensor:
-        """`dequant(W0) + sum(delta_weight)` for `names`, float32 `(out, in)`, not rounded; `W0` is the packed original."""
+        """`dequant(W0) + sum(delta_weight)` for `names`, float32 `(out, in)`, not rounded (from the packed `W0`)."""
         acc = self.weight
         for n in names:
             acc = self.variants[n].merged_weight(self, n, acc)
         return acc
 
     def merge(self, names=None) -> None:
-        """Fold adapters (default: the active ones) into the layer; see the module docstring. Merging twice is a no-op."""
+        """Fold adapters (default: the active ones) into the layer (module docstring). Merging twice is a no-op."""
         new = self.to_merge(names)
         if not new:
             return
@@ -133,7 +131,8 @@ class LoraLinear4bit(LoraLinear):
             exact = self.merged_weight(merged)
             if self.merge_requantize:
                 state = self._packed.quant_state
-                param = quantize_weight(exact, double_quant=bool(state.nested), blocksize=state.blocksize, quant_type=state.quant_type)
+                param = quantize_weight(exact, double_quant=bool(state.nested), blocksize=state.blocksize,
+                                        quant_type=state.quant_type)
                 param.quant_state.dtype = state.dtype
                 if self._packed_original is None:
                     self._packed_original = self.base_layer.weight
@@ -145,7 +144,7 @@ class LoraLinear4bit(LoraLinear):
         self._refresh()
 
     def unmerge(self) -> None:
-        """Back to the original packed weight, bit for bit (the same `Params4bit` object). No-op when nothing is merged."""
+        """Back to the original packed weight, bit for bit (the same `Params4bit` object); no-op if none merged."""
         if not self.merged_adapters:
             return
         if self._packed_original is not None:
@@ -155,7 +154,8 @@ class LoraLinear4bit(LoraLinear):
         self.merged_adapters = ()
         self._refresh()
 
-    def to_merged_module(self, names, dtype: torch.dtype | None = None, requantize: bool = False) -> tuple[nn.Module, MergeStats]:
+    def to_merged_module(self, names, dtype: torch.dtype | None = None,
+                         requantize: bool = False) -> tuple[nn.Module, MergeStats]:
         """A plain module computing `dequant(W0) + sum(delta_weight)` for `names`, and its rounding error.
 
         `requantize=False`: an `nn.Linear` with the merged weight rounded once into
@@ -181,7 +181,8 @@ class LoraLinear4bit(LoraLinear):
                 module.weight = nn.Parameter(exact.to(dtype), requires_grad=False)
                 if base.bias is not None:
                     b = base.bias
-                    module.bias = b if b.dtype == dtype else nn.Parameter(b.detach().to(dtype), requires_grad=b.requires_grad)
+                    module.bias = b if b.dtype == dtype else nn.Parameter(b.detach().to(dtype),
+                                                                          requires_grad=b.requires_grad)
                 module.train(base.training)
                 written = module.weight.float()
                 out_dtype = str(dtype).replace("torch.", "")
@@ -194,9 +195,16 @@ class LoraLinear4bit(LoraLinear):
             )
         return module, stats
 
-    def dequantized_module(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The base layer as a plain `nn.Linear` (dequantized `W0` in `dtype`, default the original dtype)."""
-        return dense_linear(self.base_layer, dtype)
+    def merged_module(self, names) -> nn.Module:
+        names = list(names)
+        if not names:
+            self.unmerge()
+            return dense_linear(self.base_layer)
+        return self.to_merged_module(names)[0]
+
+    @staticmethod
+    def plain_base(module: nn.Module) -> nn.Module:
+        return dense_linear(module)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -208,7 +216,7 @@ class LoraLinear4bit(LoraLinear):
 
 
 def dense_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
-    """An `nn.Linear` holding the dequantized weight of 4-bit `module` in `dtype` (default: the dtype it was quantized from)."""
+    """An `nn.Linear` with the dequantized weight of 4-bit `module` in `dtype` (default: the dtype quantized from)."""
     dtype = dtype or module.weight.quant_state.dtype
     lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     lin.weight = nn.Parameter(dequantize_weight(module, dtype), requires_grad=False)

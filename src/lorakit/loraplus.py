@@ -27,7 +27,9 @@ import math
 
 from torch import nn
 
-from ..errors import LoraError
+from .errors import LoraError
+from .layers import LoraEmbedding
+from .state import lora_layers, unwrap
 
 
 def loraplus_param_groups(
@@ -53,9 +55,6 @@ def loraplus_param_groups(
         LoraError: a non-positive or non-finite `lr`, `ratio` or `embedding_lr`, a
             negative `weight_decay`, or a model with no trainable parameters.
     """
-    from ..layers import LoraEmbedding
-    from ..state import lora_layers, unwrap
-
     for name, value in (("lr", lr), ("ratio", ratio), ("embedding_lr", embedding_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise LoraError(f"loraplus_param_groups: {name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,7 @@
+"""The math alone, on tensors: no modules, no models, no files.
+
+- `lora`: the LoRA equation (`delta_weight`, the low-rank term of every layer kind, dropout,
+  per-row terms of mixed batches, the accumulation dtype);
+- `fused`: the fast path's autograd node (base + LoRA in one node, a 1-byte dropout mask);
+- `nf4`: the 4-bit NormalFloat format through bitsandbytes (quantize / dequantize one weight).
+"""

@@ -1,0 +1,148 @@
+"""A recipe made concrete: model, tokenizer, task, data split and the run's `LoraConfig`.
+
+`Prepared` is what `lorakit train`, `eval`, `merge` and `experiment` share: the slow model
+load, the deterministic split, QLoRA quantization (with the NF4 correction), evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..config import LoraConfig
+from ..quant import base_weight_memory, bits_per_param, quantize
+from ..quant.qera import qera_quantize
+from ..version import __version__
+from . import data as data_mod
+from .models import count_all, load_model, resolve_device, resolve_model, set_threads, sha256_file
+from .recipe import Recipe
+from .tasks import make_task
+
+
+def stderr_log(msg: str) -> None:
+    """The job's default log: one line on stderr."""
+    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
+
+
+def lora_config_for(recipe: Recipe, model_name: str) -> LoraConfig:
+    """The recipe's `LoraConfig` for the model `model_name` (its name and task type recorded in the file)."""
+    return recipe.lora_config().replace(
+        base_model_name_or_path=model_name,
+        task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
+    )
+
+
+class Prepared:
+    """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
+
+    def __init__(self, recipe: Recipe, log: Callable[[str], None] = stderr_log, *, threads: int | None = None,
+                 device: tuple[torch.device, torch.dtype | None] | None = None, correct: bool = False):
+        """`correct`: with `quantize: nf4` and `qera_rank > 0`, pin the frozen QERA correction (training
+        needs it; a saved adapter already holds it)."""
+        self.recipe = recipe
+        self.threads = set_threads(threads if threads is not None else recipe.threads)
+        self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
+        self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
+        self.config = lora_config_for(recipe, self.source.name)  # the run's one LoraConfig
+        self.dataset = data_mod.load_dataset(recipe)
+        if self.dataset.skipped:
+            log(f"skipped {self.dataset.skipped} rows with an empty text/prompt/response")
+        self.splits = data_mod.split(self.dataset.examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        s = self.splits.sizes()
+        log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
+            f"{len(self.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
+        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
+            log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
+                f"{recipe.val_size}): "
+                f"they take at most 20% and 10% of the {len(self.dataset.examples)} examples")
+        if os.environ.get("LORAKIT_BUSY_CPU"):
+            log(f"the CPU was busy at start (load average {os.environ['LORAKIT_BUSY_CPU']}): running with "
+                "OMP_WAIT_POLICY=PASSIVE")
+        labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
+        kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
+        t = time.perf_counter()
+        self.model, self.tokenizer = load_model(self.source, kind, num_labels=len(labels) if labels else None,
+                                                labels=[str(l) for l in labels] if labels else None, seed=recipe.seed,
+                                                log=log)
+        self.load_seconds = time.perf_counter() - t
+        self.model.to(self.device)
+        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+        self.qera = None
+        self.quantization = self.quantize(self.model, correct=correct, log=log)
+        if self.quantization is not None:
+            q = self.quantization
+            log(f"quantized {q['layers']} linear layers to {recipe.quantize.upper()} (QLoRA): "
+                f"{q['bits_per_param']:.4f} bits/param, "
+                f"{q['bytes'] / 2**20:.1f} MiB (bf16: {2 * q['params'] / 2**20:.1f} MiB)")
+        self.base_weights = base_weight_memory(self.model)
+
+    def quantize(self, model, *, correct: bool = False,
+                 log: Callable[[str], None] = stderr_log) -> dict[str, Any] | None:
+        """QLoRA (recipe `quantize: nf4`): every linear layer but the head and `modules_to_save` -> 4-bit NF4,
+        before LoRA.
+
+        With `correct` and `qera_rank > 0`, the frozen QERA correction is computed from the
+        first `calibration_size` training examples first and pinned beside the 4-bit layers
+        (`lorakit.quant.qera`; `self.qera` gets its report). A model for a saved adapter does not
+        need it: the saved adapter holds the correction. Returns the `bits_per_param`
+        figures, or None for `quantize: none`.
+        """
+        if self.recipe.quantize == "none":
+            return None
+        compute_dtype = self.dtype or torch.float32
+        exclude = self.config.modules_to_save or None  # trained in full: not quantized
+        if not (correct and self.recipe.qera_rank):
+            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype,
+                     exclude_modules=exclude)
+            return bits_per_param(model).as_dict()
+        t = time.perf_counter()
+        examples = self.splits.train[:self.recipe.calibration_size]
+        b = self.recipe.eval_batch_size
+        batches = [self.task.batch(examples[i:i + b], self.device) for i in range(0, len(examples), b)]
+        report = qera_quantize(model, batches, rank=self.recipe.qera_rank, compute_dtype=compute_dtype,
+                               exclude_modules=exclude)
+        self.qera = {**report.as_dict(), "rank": self.recipe.qera_rank, "calibration_examples": len(examples),
+                     "seconds": time.perf_counter() - t}
+        log(f"qera: frozen rank-{self.recipe.qera_rank} corrections of the NF4 error of {len(report.layers)} layers, "
+            f"calibrated on {report.tokens:,} tokens of {len(examples)} training examples; they remove "
+            f"{100 * (1 - report.remaining):.1f}% of the layers' output error there (mean over layers); "
+            f"{self.qera['seconds']:.0f} s")
+        return {**bits_per_param(model).as_dict(), "qera": self.qera}
+
+    def fresh_model(self):
+        """Another copy of the base model, loaded the same way (same seed for a new head)."""
+        kind = self.task.model_kind
+        labels = getattr(self.task, "labels", None)
+        model, _ = load_model(self.source, kind, num_labels=len(labels) if labels else None,
+                              labels=[str(l) for l in labels] if labels else None, seed=self.recipe.seed)
+        model = model.to(self.device)
+        self.quantize(model)
+        return model
+
+    def evaluate(self, model, examples):
+        return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+
+    def split_info(self) -> dict[str, Any]:
+        return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,
+                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples)}
+
+    def model_info(self) -> dict[str, Any]:
+        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path),
+                "class": type(self.model).__name__, "parameters": count_all(self.model)}
+        if self.source.gguf:
+            info["gguf_sha256"] = sha256_file(self.source.path)
+        return info
+
+    def environment(self) -> dict[str, Any]:
+        import transformers  # the job's optional dependency, imported where it is used
+
+        return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "device": str(self.device),
+                "precision": "bf16 autocast" if self.dtype is not None else "fp32", "threads": self.threads,
+                "cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}

@@ -1,0 +1,109 @@
+"""`lorakit eval` and `lorakit merge`: a run rebuilt from its saved files (the adapter folder and the
+`lorakit_train.json` recorded beside it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import AdapterLoadError, LoraError
+from ..io import load_adapter, read_adapter
+from ..merge import merge_and_unload
+from . import data as data_mod
+from .errors import RecipeError
+from .models import quiet_transformers
+from .prepare import Prepared, stderr_log
+from .recipe import Recipe, apply
+
+TRAIN_INFO = "lorakit_train.json"
+PROBE_EXAMPLES = 8
+
+
+def read_train_info(adapter: str | Path) -> dict[str, Any] | None:
+    """The `lorakit_train.json` of an adapter folder, or None if it has none."""
+    path = Path(adapter) / TRAIN_INFO
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path} is not valid JSON ({exc.msg})") from None
+
+
+def recipe_for_adapter(adapter: str | Path | None, base: Recipe | None,
+                       overrides: dict[str, Any]) -> tuple[Recipe, dict | None]:
+    """The recipe recorded with `adapter` (else `base`), with `overrides` applied."""
+    if adapter is not None and not Path(adapter).is_dir():
+        raise AdapterLoadError(f"adapter folder {adapter} does not exist")
+    info = read_train_info(adapter) if adapter is not None else None
+    if info is None and adapter is not None:
+        read_adapter(adapter)  # no adapter files (or a pickle, a corrupt file): say that first
+    if info is not None:
+        recipe = apply(Recipe(), info["recipe"])
+    elif base is not None:
+        recipe = base
+    else:
+        raise RecipeError(f"{adapter} has no {TRAIN_INFO} (not written by lorakit train); name its recipe with "
+                          "--recipe, or its model and data with --model/--data")
+    return apply(recipe, overrides), info
+
+
+def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, overrides: dict[str, Any] | None = None,
+                     split: str = "test", log: Callable[[str], None] = stderr_log) -> dict[str, Any]:
+    """Evaluate a saved adapter (or, with `adapter=None`, the base model) on a split of its recipe's data.
+
+    Rebuilds model, data split and scoring from `adapter/lorakit_train.json`; when the split is
+    the recorded one (same fingerprint) the result is compared with the recorded test metrics.
+
+    Returns:
+        `{"metrics", "split", "recorded" (or None), "matches_recorded" (bool or None), "recipe"}`.
+    """
+    recipe, info = recipe_for_adapter(adapter, base, overrides or {})
+    if split not in ("test", "val", "train"):
+        raise RecipeError(f"split must be test, val or train, got {split!r}")
+    prep = Prepared(recipe, log)
+    if adapter is not None:
+        load_adapter(prep.model, adapter, trainable=False)
+    examples = getattr(prep.splits, split)
+    log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on {len(examples)} {split} examples")
+    metrics, _ = prep.evaluate(prep.model, examples)
+    recorded, matches = None, None
+    if info is not None and split == "test" and adapter is not None:
+        recorded = info.get("test_metrics")
+        same_split = data_mod.fingerprint(examples) == info.get("data", {}).get("test_fingerprint")
+        if recorded is not None and same_split:
+            keys = [k for k in ("accuracy",) if k in recorded] or ["loss"]
+            matches = all(abs(metrics[k] - recorded[k]) <= (0 if k == "accuracy" else 1e-4 * max(1.0, abs(recorded[k])))
+                          for k in keys)
+    return {"metrics": metrics, "split": split, "recorded": recorded, "matches_recorded": matches,
+            "recipe": recipe.to_dict()}
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, *, base: Recipe | None = None,
+                  overrides: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = stderr_log) -> dict[str, Any]:
+    """Fold a saved adapter into its base model and save the plain model (+ tokenizer) to `out`.
+
+    Returns `{"out", "max_abs_diff"}`: the largest logit difference, merged vs unmerged, on a few
+    examples of the recipe's data.
+    Raises:
+        LoraError: `out` exists and is not empty.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LoraError(f"output folder {out} exists and is not empty")
+    recipe, _ = recipe_for_adapter(adapter, base, overrides or {})
+    prep = Prepared(recipe, log)
+    load_adapter(prep.model, adapter, trainable=False)
+    probe_ex = prep.splits.test[:PROBE_EXAMPLES]
+    before = prep.task.probe(prep.model, probe_ex, prep.device, prep.dtype)
+    merged = merge_and_unload(prep.model)  # a 4-bit base comes back dense, no longer claiming quantization
+    after = prep.task.probe(merged, probe_ex, prep.device, prep.dtype)
+    with quiet_transformers():
+        merged.save_pretrained(out)
+        prep.tokenizer.save_pretrained(out)
+    diff = float((before - after).abs().max()) if before.numel() else 0.0
+    log(f"merged model written to {out}; logits max |diff| merged vs unmerged: {diff:.3g}")
+    return {"out": str(out), "max_abs_diff": diff}
+
