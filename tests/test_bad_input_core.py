@@ -59,8 +59,8 @@ def test_unknown_and_unsupported_config_keys():
     good = lk.LoraConfig(target_modules=["q_proj"]).to_peft_dict()
     with pytest.raises(lk.ConfigError, match="lora_alpah"):
         lk.LoraConfig.from_peft_dict({**good, "lora_alpah": 3})
-    with pytest.raises(lk.ConfigError, match="lora_bias"):
-        lk.LoraConfig.from_peft_dict({**good, "lora_bias": True})
+    with pytest.raises(lk.ConfigError, match="use_qalora.*not supported"):
+        lk.LoraConfig.from_peft_dict({**good, "use_qalora": True})
     with pytest.raises(lk.ConfigError, match="peft_type"):
         lk.LoraConfig.from_peft_dict({**good, "peft_type": "IA3"})
 

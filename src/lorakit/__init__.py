@@ -28,6 +28,7 @@ from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraLinear4b
 from .loraplus import loraplus_param_groups
 from .merge import count_parameters, merge, merge_and_unload, unmerge
 from .mixed import mixed_batch
+from .scale import adapter_scale, set_scale
 from . import quant
 from .quant import quantize
 from .version import __version__
@@ -38,7 +39,8 @@ __all__ = [
     "LoraError", "ConfigError", "TargetNotFoundError", "UnsupportedModuleError", "AdapterLoadError",
     "AdapterNotFoundError", "AdapterExistsError", "MergeError",
     "inject", "set_active", "set_trainable", "active_adapters", "adapter_names", "disabled", "delete_adapter", "unload",
-    "merge", "unmerge", "merge_and_unload", "count_parameters", "combine", "CombineReport", "mixed_batch",
+    "merge", "unmerge", "merge_and_unload", "count_parameters", "set_scale", "adapter_scale",
+    "combine", "CombineReport", "mixed_batch",
     "save_adapter", "save_adapters", "load_adapter", "load_adapters", "read_adapter", "read_config",
     "adapter_state_dict",
     "LoraLayer", "LoraLinear", "LoraLinear4bit", "LoraEmbedding", "LoraConv", "ModulesToSave",

@@ -79,7 +79,26 @@ def combine(
     if method == "linear":
         _check_linear(layers, weights)
     report = CombineReport(method)
+    tensors, bias_of = _combined_tensors(layers, weights, method, r, report)
+    new_config = _combined_config(tensors, bias_of, configs[next(iter(weights))])
+    previous_active = get_state(inner).active
+    inject(inner, new_config, new_name, plan_=plan(inner, new_config))
+    with torch.no_grad():
+        for p, layer in lora_layers(inner):
+            if p in tensors:
+                A, B = tensors[p]
+                layer.lora_A[new_name].copy_(A)
+                layer.lora_B[new_name].copy_(B)
+                if p in bias_of:
+                    layer.lora_B_bias[new_name].copy_(bias_of[p])
+    set_active(inner, previous_active)
+    return report
+
+
+def _combined_tensors(layers, weights: dict[str, float], method: str, r: int | None, report: CombineReport):
+    """Per module path: the combined `(A, B)` at scaling 1, and the combined bias of B where an input has one."""
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bias_of: dict[str, torch.Tensor] = {}
     for p, layer in layers:
         present = [n for n in weights if n in layer.lora_A]
         if method == "cat":
@@ -91,30 +110,28 @@ def combine(
             report.truncation_error[p] = err
         tensors[p] = (A, B)
         report.ranks[p] = A.shape[0]
+        biases = [layer.lora_B_bias[n].detach().float() * (weights[n] * layer.scaling[n])
+                  for n in present if n in layer.lora_B_bias]
+        if biases:  # the new adapter's scaling is 1: its bias is the weighted, scaled sum
+            bias_of[p] = torch.stack(biases).sum(0)
+    return tensors, bias_of
 
-    first = configs[next(iter(weights))]
+
+def _combined_config(tensors: dict, bias_of: dict, first: LoraConfig) -> LoraConfig:
+    """The new adapter's config: each module at its combined rank, scaling 1 (the weights live in B)."""
     rank_of = {p: t[0].shape[0] for p, t in tensors.items()}
     base_r = max(rank_of.values())
-    new_config = LoraConfig(
+    return LoraConfig(
         r=base_r,
-        alpha=float(base_r),  # scaling 1: the weights live in B
+        alpha=float(base_r),
         dropout=first.dropout,
         target_modules=sorted(tensors),
         rank_pattern={_exact(p): k for p, k in rank_of.items() if k != base_r},
         alpha_pattern={_exact(p): float(k) for p, k in rank_of.items() if k != base_r},
         base_model_name_or_path=first.base_model_name_or_path,
         task_type=first.task_type,
+        lora_bias=bool(bias_of),
     )
-    previous_active = get_state(inner).active
-    inject(inner, new_config, new_name, plan_=plan(inner, new_config))
-    with torch.no_grad():
-        for p, layer in lora_layers(inner):
-            if p in tensors:
-                A, B = tensors[p]
-                layer.lora_A[new_name].copy_(A)
-                layer.lora_B[new_name].copy_(B)
-    set_active(inner, previous_active)
-    return report
 
 
 def _check_linear(layers, weights) -> None:

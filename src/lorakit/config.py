@@ -31,7 +31,8 @@ PEFT_HONOURED = {
     "exclude_modules": "exclude_modules", "bias": "bias", "use_rslora": "use_rslora",
     "modules_to_save": "modules_to_save", "init_lora_weights": "init", "layers_to_transform": "layers_to_transform",
     "layers_pattern": "layers_pattern", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-    "use_dora": "use_dora", "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
+    "use_dora": "use_dora", "lora_bias": "lora_bias", "base_model_name_or_path": "base_model_name_or_path",
+    "task_type": "task_type",
 }
 #   ignored: cannot change the outputs of a loaded adapter, whatever its value
 PEFT_IGNORED = {
@@ -47,7 +48,7 @@ PEFT_IGNORED = {
 PEFT_REFUSED_UNLESS_OFF = {
     "megatron_config": (None,), "trainable_token_indices": (None,), "velora_config": (None,),
     "alora_invocation_tokens": (None,), "use_qalora": (False, None), "monteclora_config": (None,),
-    "layer_replication": (None,), "lora_bias": (False, None), "target_parameters": (None, []),
+    "layer_replication": (None,), "target_parameters": (None, []),
     "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,), "ensure_weight_tying": (False, None),
 }
 # PEFT `init_lora_weights` values lorakit does not run itself. How an adapter was initialised does
@@ -94,6 +95,9 @@ class LoraConfig:
         layers_pattern: the name of the layer list (`"layers"`, `"h"`) used to find
             the layer index; any numbered segment when unset.
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353).
+        lora_bias: a trainable bias on B (PEFT's `lora_bias`): the update becomes
+            `scaling * (B A x + b)`, `b: (out_features,)` starting at zero; merged into the base
+            layer's bias (which must exist to merge). Linear, GPT-2 Conv1D, Conv and 4-bit layers.
         fused_slices: per-slice adapters on fused projections (the paper's reference
             code, loralib's `MergedLinear`): regex key (as `rank_pattern`) -> a list of
             booleans splitting the output features into equal slices (`[True, False,
@@ -120,6 +124,7 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     use_dora: bool = False
+    lora_bias: bool = False
     fused_slices: dict[str, Any] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -142,12 +147,12 @@ class LoraConfig:
         """Check every field; raise `ConfigError` naming the first bad one."""
         _positive_int("r", self.r)
         _positive_number("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout,
-                                                            (int, float)) or not 0.0 <= self.dropout < 1.0:
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError("dropout", f"must be a number in [0, 1), got {self.dropout!r}")
         _module_selector("target_modules", self.target_modules, required=True)
         _module_selector("exclude_modules", self.exclude_modules, required=False)
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.init, str) or not (
@@ -155,11 +160,15 @@ class LoraConfig:
         ):
             raise ConfigError("init",
                               f"must be one of {', '.join(INIT_METHODS)} or 'pissa_niter_<k>', got {self.init!r}")
+        if self.lora_bias and (self.use_dora or self.init not in ("kaiming", "gaussian", "random")):
+            what = "use_dora" if self.use_dora else f"init={self.init!r}"
+            raise ConfigError("lora_bias", f"cannot be combined with {what} (as in PEFT: the bias of B is defined for "
+                                           "plain LoRA with a zero or random init)")
         if self.bias not in BIAS_MODES:
             raise ConfigError("bias", f"must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save,
-                              list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            names = self.modules_to_save
+            if not isinstance(names, list) or not all(isinstance(m, str) and m for m in names):
                 raise ConfigError("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
         for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
             pattern = getattr(self, name)
@@ -251,7 +260,7 @@ class LoraConfig:
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
             "use_dora": self.use_dora,
-            "lora_bias": False,
+            "lora_bias": self.lora_bias,
             "inference_mode": True,
             "revision": None,
         }

@@ -103,6 +103,12 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
             if not any(re.match(rf"(.*\.)?({key})$", p) for p in target_paths):
                 raise TargetNotFoundError(f"{field} key {key!r} matches no targeted module (targets include "
                                           f"{target_paths[:3]})")
+    if config.lora_bias:
+        bases = [(p, m.base_layer if isinstance(m, LoraLayer) else m) for p, m in targets]
+        unbiased = [p for p, base in bases if getattr(base, "bias", None) is None]
+        if unbiased:
+            warnings.warn(f"lora_bias on {len(unbiased)} modules without a bias (e.g. {unbiased[0]!r}): the adapter "
+                          "works, but cannot be merged there (no bias to merge it into)", stacklevel=3)
     return Plan(targets, _select_saves(model, config, modules))
 
 
@@ -148,6 +154,8 @@ def _target_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.
             SliceSpec.resolve(slices, cls.features(base)[1], "cpu")
         except ValueError as exc:
             return f"fused_slices: {exc}"
+    if problem is None and config.lora_bias and cls is LoraEmbedding:
+        return "lora_bias is not supported on embedding layers (as in PEFT: there is no bias to merge it into)"
     if problem is None and config.use_dora and "dora" not in cls.supported_variants:
         return f"DoRA (use_dora) supports Linear, GPT-2 Conv1D and Embedding layers, not {cls.__name__}"
     return problem or _weight_init_problem(model, config, path, module)
@@ -256,6 +264,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
             variant=strategy,
             slices=config.slices_for(path),
             weight_init=weight_init,
+            lora_bias=config.lora_bias,
         )
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)

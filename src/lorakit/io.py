@@ -59,8 +59,9 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         key_a, key_b = layer.file_keys
         out[f"{PREFIX}{path}.{key_a}"] = layer.lora_A[adapter]
         out[f"{PREFIX}{path}.{key_b}"] = layer.lora_B_dense(adapter)  # sliced: PEFT-readable dense form
-        for attr, tensor in layer.variants[adapter].parameters(layer, adapter).items():
-            out[f"{PREFIX}{path}.{attr}"] = tensor
+        for attr, tensor in layer.adapter_parameters(adapter).items():
+            if attr not in ("lora_A", "lora_B"):  # the bias of B (lora_B.bias), DoRA's magnitude, ...
+                out[f"{PREFIX}{path}.{attr}"] = tensor
     for path, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
             for name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
@@ -115,6 +116,11 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
     """
     check_folder(path)
     adapter = resolve_adapter(model, adapter)
+    scaled = [p for p, layer in lora_layers(model) if layer.scale_factor.get(adapter, 1.0) != 1.0]
+    if scaled:
+        warnings.warn(f"adapter {adapter!r} runs at a strength set by set_scale on {len(scaled)} modules (e.g. "
+                      f"{scaled[0]!r}); the file holds the adapter as configured (scale 1), as PEFT's files do",
+                      stacklevel=2)
     config, fan_in_fan_out, fused = _config_for_file(model, adapter)
     return write_adapter_files(path, adapter_state_dict(model, adapter), config.to_json(fan_in_fan_out, fused))
 
@@ -270,6 +276,8 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         expected[f"{PREFIX}{path}.{key_b}"] = (path, "lora_B", tuple(shape_b))
         if config.use_dora:
             expected[f"{PREFIX}{path}.{MAGNITUDE}"] = (path, MAGNITUDE, (out_features,))
+        if config.lora_bias:
+            expected[f"{PREFIX}{path}.lora_B.bias"] = (path, "lora_B.bias", (out_features,))
     for path, module in p.saves:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for name, tensor in original.state_dict().items():

@@ -54,6 +54,15 @@ def _untie_config(model: nn.Module, paths: list[str]) -> None:
                   "config object is unchanged)", stacklevel=3)
 
 
+def _check_bias_merges(layers: list[tuple[str, LoraLayer]], names) -> None:
+    """Before anything merges: every adapter with `lora_bias` has a base bias to merge into (`MergeError` naming it)."""
+    for path, layer in layers:
+        try:
+            layer.check_bias_merge([n for n in names if n in layer.lora_A])
+        except MergeError as exc:
+            raise MergeError(f"{path}: {exc}") from None
+
+
 def _active_subset(model: nn.Module, adapters: Iterable[str] | None) -> tuple[str, ...]:
     state = get_state(model)
     if adapters is None:
@@ -79,6 +88,7 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None) -> None
     names = _active_subset(model, adapters)
     inner = unwrap(model)
     layers = [(p, layer) for p, layer in lora_layers(inner) if any(n in layer.lora_A for n in names)]
+    _check_bias_merges(layers, names)
     _untie_if_shared(inner, [(p, layer) for p, layer in layers if not layer.merged_adapters])
     for _, layer in layers:
         layer.merge([n for n in names if n in layer.lora_A])
@@ -104,6 +114,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     inner = unwrap(model)
     names = get_state(inner).active
     layers = list(lora_layers(inner))
+    _check_bias_merges(layers, names)
     _untie_if_shared(inner, [(p, layer) for p, layer in layers if any(n in layer.lora_A for n in names)], warn=False)
     _untie_config(inner, [p for p, layer in layers if layer.tied_weight is not None])
     densify = any(type(layer).plain_base is not LoraLayer.plain_base for _, layer in layers)

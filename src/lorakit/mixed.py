@@ -42,6 +42,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         require_adapter(model, n)
     if any(state.configs[n].use_dora for n in used):
         raise LoraError("mixed_batch does not support DoRA adapters")
+    if any(state.configs[n].lora_bias for n in used):
+        raise LoraError("mixed_batch does not support adapters with lora_bias")
     if any(set(w.adapter_names) & used for _, w in save_wrappers(model)):
         raise LoraError("mixed_batch does not support adapters with modules_to_save copies")
     if state.pinned:

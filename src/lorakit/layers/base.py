@@ -47,12 +47,15 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_B_bias = nn.ParameterDict()  # PEFT's lora_bias: adapter -> b_B (out_features,), file key lora_B.bias
         # The parameter tables as plain attributes: the fast path then reads them with a
         # dict access instead of two nn.Module.__getattr__ calls per forward.
         self._tables = (self.lora_A._parameters, self.lora_B._parameters, base_layer._parameters)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}  # what the forward and merges use: configured scaling x scale factor
+        self.configured_scaling: dict[str, float] = {}  # alpha / r (alpha / sqrt(r) with rsLoRA), from the config
+        self.scale_factor: dict[str, float] = {}  # adapter strength at inference (set_scale), 1 by default
         self.lora_dropout: dict[str, float] = {}
         self.variants: dict[str, Variant] = {}
         self.variant_cache: dict = {}
@@ -63,6 +66,7 @@ class LoraLayer(nn.Module):
         # Kept precomputed so forward has no per-call selection logic.
         self._forward_adapters: tuple[str, ...] = ()
         self._weight_backup: torch.Tensor | None = None
+        self._bias_backup: torch.Tensor | None = None
         # the base weight this layer shares with another module (tied embeddings), while it merges into a copy
         self.tied_weight: nn.Parameter | None = None
         self.shares_weight = False  # set once a merge found the weight tied: every later merge unties first
@@ -113,9 +117,9 @@ class LoraLayer(nn.Module):
         """How A acts on an input: `(..., in) -> (..., r)` (a matrix product unless overridden)."""
         return ops.matmul_A(h, A)
 
-    def project_B(self, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """How B acts: `(..., r) -> (..., out)`."""
-        return ops.matmul_B(xa, B)
+    def project_B(self, xa: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """How B (and its bias `(out,)`, PEFT's `lora_bias`) acts: `(..., r) -> (..., out)`."""
+        return ops.matmul_B(xa, B, bias)
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:
         """A tensor in the base weight's layout as the `(out_features, in_features)` matrix (a view where possible)."""
@@ -133,6 +137,10 @@ class LoraLayer(nn.Module):
         """`(A, B)` as the forward uses them for input `x`."""
         return self.lora_A[name], self.lora_B[name]
 
+    def lora_bias(self, name: str) -> torch.Tensor | None:
+        """The bias of B of adapter `name` (PEFT's `lora_bias`), or None."""
+        return self.lora_B_bias[name] if name in self.lora_B_bias else None
+
     # ------------------------------------------------------------------ the low-rank term (lorakit.ops.lora)
     def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The LoRA branch's input: `dropout(x)` while training with dropout, else `x` itself (same object)."""
@@ -141,14 +149,15 @@ class LoraLayer(nn.Module):
     def lora_output(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """`scaling * B(A(h))` for an already dropped-out input `h`: `(..., out_features)`, adapter dtype."""
         A, B = self.lora_factors(name, h)
-        return ops.low_rank(self.as_lora_input(h, A), A, B, self.scaling[name], project_A=self.project_A,
-                            project_B=self.project_B)
+        return ops.low_rank(self.as_lora_input(h, A), A, B, self.scaling[name], self.lora_bias(name),
+                            project_A=self.project_A, project_B=self.project_B)
 
     def add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         """`result + scaling * B(A(dropout(x)))` for one adapter (paper eq. 3)."""
         A, B = self.lora_factors(name, x)
         h = self.lora_input(name, self.as_lora_input(x, A))
-        return ops.add_low_rank(result, h, A, B, self.scaling[name], project_A=self.project_A, project_B=self.project_B)
+        return ops.add_low_rank(result, h, A, B, self.scaling[name], self.lora_bias(name), project_A=self.project_A,
+                                project_B=self.project_B)
 
     def base_output(self, h: torch.Tensor) -> torch.Tensor:
         """The base layer's output for `h` without its bias."""
@@ -173,9 +182,11 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str = "kaiming",
                     variant: Variant | None = None, dtype: torch.dtype | None = None, slices=None,
-                    weight_init: Callable[[LoraLayer, str], None] | None = None) -> None:
+                    weight_init: Callable[[LoraLayer, str], None] | None = None,
+                    lora_bias: bool = False) -> None:
         """Create adapter `name` with rank `r`; parameters live on the base weight's device.
 
+        `lora_bias`: also a trainable bias on B, `(out_features,)`, starting at zero (PEFT's `lora_bias`).
         `init` is `kaiming`, `gaussian` or `random`; `weight_init(layer, name)`, if given, runs
         next (a weight-derived init such as PiSSA, passed in by `lorakit.inject`), then the
         variant's own init. `dtype` defaults to float32 for a half-precision base (stable
@@ -190,9 +201,12 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = self.lora_shapes(r, self.slice_spec(name))
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=w.device))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=w.device))
+        if lora_bias:
+            self.lora_B_bias[name] = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=w.device))
         self.r[name] = r
         self.lora_alpha[name] = alpha
-        self.scaling[name] = scaling
+        self.scaling[name] = self.configured_scaling[name] = scaling
+        self.scale_factor[name] = 1.0
         self.lora_dropout[name] = dropout
         self.variants[name] = variant if variant is not None else get_variant("lora")
         self.init_lora(name, init)
@@ -223,6 +237,8 @@ class LoraLayer(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of adapter `name`, by attribute name (`lora_A`, `lora_B`, ...)."""
         out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        if name in self.lora_B_bias:
+            out["lora_B.bias"] = self.lora_B_bias[name]
         out.update(self.variants[name].parameters(self, name))
         return out
 
@@ -232,7 +248,10 @@ class LoraLayer(nn.Module):
         self.variants[name].delete(self, name)
         for table in (self.lora_A, self.lora_B):
             del table[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.variants):
+        if name in self.lora_B_bias:
+            del self.lora_B_bias[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.configured_scaling, self.scale_factor,
+                      self.lora_dropout, self.variants):
             del table[name]
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
         self._refresh()
@@ -260,6 +279,35 @@ class LoraLayer(nn.Module):
             a for a in self.active_adapters if a not in self.merged_adapters
         )
 
+    # ------------------------------------------------------------------ adapter strength (PEFT's names)
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Scale adapter `adapter` to `scale` times its configured scaling (`alpha / r`, or `alpha / sqrt(r)`
+        with rsLoRA; never recomputed from `alpha / r`). A merged adapter is merged again from `W0`, so merges
+        honour it; `set_scale(adapter, 1.0)` gives back the configured scaling exactly. A layer without the
+        adapter ignores it (as PEFT)."""
+        if adapter in self.lora_A:
+            self._rescale(adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scale of every active adapter of this layer by `scale` (PEFT's `scale_layer`)."""
+        for name in self.active_adapters:
+            self._rescale(name, self.scale_factor[name] * scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the scale of every active adapter by `scale`, or with None reset it to 1 (PEFT's `unscale_layer`)."""
+        for name in self.active_adapters:
+            self._rescale(name, 1.0 if scale is None else self.scale_factor[name] / scale)
+
+    def _rescale(self, name: str, factor: float) -> None:
+        merged = self.merged_adapters
+        if name in merged:
+            self.unmerge()  # W0 back bit for bit, then merged again at the new scale
+        self.scale_factor[name] = factor
+        self.scaling[name] = self.configured_scaling[name] * factor
+        self.variant_cache.clear()
+        if name in merged:
+            self.merge(merged)
+
     # ------------------------------------------------------------------ merge
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weight, rounding once.
@@ -272,12 +320,14 @@ class LoraLayer(nn.Module):
             return
         if self.shares_weight and self.tied_weight is None and not self.merged_adapters:
             self.untie_weight()
+        self.check_bias_merge(new)
         w = self.weight
         if self._weight_backup is None:
             self._weight_backup = w.detach().clone()
         merged = self.merged_adapters + new
         with torch.no_grad():
             w.copy_(self.merged_weight(merged))
+        self._merge_bias(merged)
         self.merged_adapters = merged
         self._refresh()
 
@@ -288,6 +338,31 @@ class LoraLayer(nn.Module):
             if n not in self.lora_A:
                 raise AdapterNotFoundError(f"adapter {n!r} not in this layer (has {list(self.lora_A)})")
         return tuple(n for n in names if n not in self.merged_adapters)
+
+    def check_bias_merge(self, names) -> None:
+        """`MergeError` if an adapter of `names` has a bias of B but the base layer has no bias to merge it into."""
+        with_bias = [n for n in names if n in self.lora_B_bias]
+        if with_bias and self.bias is None:
+            raise MergeError(f"adapter(s) {with_bias} have lora_bias, but the base {type(self.base_layer).__name__} "
+                             "has no bias to merge it into (the adapter works unmerged)")
+
+    def merged_bias(self, names) -> torch.Tensor | None:
+        """The base bias with the biases of B of `names` folded in (`b + sum(scaling * b_B)`), rounded once;
+        None when no adapter of `names` has one."""
+        terms = [(self.lora_B_bias[n].detach(), self.scaling[n]) for n in names if n in self.lora_B_bias]
+        if not terms:
+            return None
+        b0 = self._bias_backup if self._bias_backup is not None else self.bias.detach()
+        return ops.merged_bias(b0, terms, ops.compute_dtype(b0.dtype))
+
+    def _merge_bias(self, merged) -> None:
+        bias = self.merged_bias(merged)
+        if bias is None:
+            return
+        if self._bias_backup is None:
+            self._bias_backup = self.bias.detach().clone()
+        with torch.no_grad():
+            self.bias.copy_(bias)
 
     def unmerged_weight(self) -> torch.Tensor:
         """`W0`: the base weight without merged adapters, in the base layout (no grad)."""
@@ -316,7 +391,10 @@ class LoraLayer(nn.Module):
         else:
             with torch.no_grad():
                 self.weight.copy_(self._weight_backup)
-        self._weight_backup = None
+        if self._bias_backup is not None:
+            with torch.no_grad():
+                self.bias.copy_(self._bias_backup)
+        self._weight_backup = self._bias_backup = None
         self.merged_adapters = ()
         self._refresh()
 
@@ -324,9 +402,12 @@ class LoraLayer(nn.Module):
         """The plain base module with `names` folded in (for `merge_and_unload`); the layer is spent after."""
         names = list(names)
         if names:
-            merged = self.merged_weight(names)
+            self.check_bias_merge(names)
+            merged, bias = self.merged_weight(names), self.merged_bias(names)
             with torch.no_grad():
                 self.weight.copy_(merged)
+                if bias is not None:
+                    self.bias.copy_(bias)
         elif self.merged_adapters:
             self.unmerge()
         return self.base_layer
@@ -366,4 +447,6 @@ class LoraLayer(nn.Module):
         out = super()._apply(fn, recurse)
         if self._weight_backup is not None:
             self._weight_backup = fn(self._weight_backup)
+        if self._bias_backup is not None:
+            self._bias_backup = fn(self._bias_backup)
         return out

@@ -55,9 +55,9 @@ class LoraConv(LoraLayer):
         """A shares every geometric setting of the base conv (incl. padding mode)."""
         return self.base_layer._conv_forward(h, A, None)
 
-    def project_B(self, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """B is a grouped 1x1 convolution."""
-        return _CONV_FN[B.dim() - 2](xa, B, None, 1, 0, 1, self.groups)
+    def project_B(self, xa: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """B is a grouped 1x1 convolution (with `lora_bias`, its bias)."""
+        return _CONV_FN[B.dim() - 2](xa, B, bias, 1, 0, 1, self.groups)
 
     def to_oi(self, w: torch.Tensor) -> torch.Tensor:  # (out, in/groups * kernel...)
         return w.reshape(w.shape[0], -1)

@@ -57,6 +57,7 @@ class LoraLinear(LoraLayer):
         names = self._forward_adapters
         self._fused = names[0] if (
             len(names) == 1 and self._plain_base and self.variants[names[0]].fuses and names[0] not in self.slices
+            and names[0] not in self.lora_B_bias
         ) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

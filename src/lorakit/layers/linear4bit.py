@@ -126,6 +126,7 @@ class LoraLinear4bit(LoraLinear):
         new = self.to_merge(names)
         if not new:
             return
+        self.check_bias_merge(new)
         merged = self.merged_adapters + new
         with torch.no_grad():
             exact = self.merged_weight(merged)
@@ -140,6 +141,7 @@ class LoraLinear4bit(LoraLinear):
                 self._merged_dense = None
             else:
                 self._merged_dense = exact.to(self.merge_dtype or self.original_dtype)
+        self._merge_bias(merged)  # in place in the base's (float) bias, the original kept
         self.merged_adapters = merged
         self._refresh()
 
@@ -151,6 +153,10 @@ class LoraLinear4bit(LoraLinear):
             self._set_packed(self._packed_original)
             self._packed_original = None
         self._merged_dense = None
+        if self._bias_backup is not None:
+            with torch.no_grad():
+                self.base_layer.bias.copy_(self._bias_backup)
+            self._bias_backup = None
         self.merged_adapters = ()
         self._refresh()
 
@@ -166,13 +172,19 @@ class LoraLinear4bit(LoraLinear):
         """
         base = self.base_layer
         state = self._packed.quant_state
+        self.check_bias_merge(names)
         with torch.no_grad():
             w0 = self.weight
             exact = self.merged_weight(names)
+            bias = self.merged_bias(names)  # None: the base bias (shared) as it is
+            if bias is None and self._bias_backup is not None:
+                bias = self._bias_backup.clone()  # this layer is merged now: the module gets the unmerged bias
             if requantize:
                 module = make_linear4bit(base, weight=exact, double_quant=bool(state.nested), blocksize=state.blocksize,
                                          compute_dtype=base.compute_dtype, quant_type=state.quant_type)
                 module.weight.quant_state.dtype = state.dtype
+                if bias is not None:
+                    module.bias = nn.Parameter(bias, requires_grad=False)
                 written = dequantize_weight(module, torch.float32)
                 out_dtype = "nf4"
             else:
@@ -180,9 +192,10 @@ class LoraLinear4bit(LoraLinear):
                 module = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
                 module.weight = nn.Parameter(exact.to(dtype), requires_grad=False)
                 if base.bias is not None:
-                    b = base.bias
-                    module.bias = b if b.dtype == dtype else nn.Parameter(b.detach().to(dtype),
-                                                                          requires_grad=b.requires_grad)
+                    b = base.bias if bias is None else nn.Parameter(bias, requires_grad=False)
+                    if b.dtype != dtype:
+                        b = nn.Parameter(b.detach().to(dtype), requires_grad=b.requires_grad)
+                    module.bias = b
                 module.train(base.training)
                 written = module.weight.float()
                 out_dtype = str(dtype).replace("torch.", "")

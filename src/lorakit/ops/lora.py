@@ -1,6 +1,9 @@
 """The LoRA equation, written once (Hu et al. 2021, arXiv:2106.09685, eq. 3, §4.1-4.2):
 
-    h = W0 x + b + scaling * B A dropout(x)          delta_weight = scaling * B @ A
+    h = W0 x + b + scaling * (B A dropout(x) + b_B)          delta_weight = scaling * B @ A
+
+(`b_B`, PEFT's `lora_bias`, is zero-length unless asked for: a trainable bias on B, scaled with
+the rest of the update, merged as `b + scaling * b_B`.)
 
 `A: (r, in_features)`, `B: (out_features, r)`, `scaling = alpha / r` (rsLoRA:
 `alpha / sqrt(r)`, `lorakit.config.scaling`). Every layer kind computes its low-rank
@@ -19,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Project = Callable[..., torch.Tensor]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,20 +40,24 @@ def matmul_A(h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return h @ A.T
 
 
-def matmul_B(xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """`xa @ B.T`: `(..., r) -> (..., out)`."""
-    return xa @ B.T
+def matmul_B(xa: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`xa @ B.T (+ bias)`: `(..., r) -> (..., out)`."""
+    out = xa @ B.T
+    return out if bias is None else out + bias
 
 
-def low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+def low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, *,
              project_A: Project = matmul_A, project_B: Project = matmul_B) -> torch.Tensor:
-    """`scaling * B (A h)` for an input `h` already dropped out (eq. 3's update term), in A's dtype."""
-    return project_B(project_A(h, A), B) * scaling
+    """`scaling * (B (A h) + bias)` for an input `h` already dropped out (eq. 3's update term), in A's dtype.
+
+    `project_B(xa, B, bias)` applies B and adds `bias: (out,)` along the output features."""
+    return project_B(project_A(h, A), B, bias) * scaling
 
 
-def add_low_rank(result: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
-                 project_A: Project = matmul_A, project_B: Project = matmul_B) -> torch.Tensor:
-    """`result + scaling * B (A h)`: the base output plus one adapter's term, `result`'s dtype.
+def add_low_rank(result: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None = None, *, project_A: Project = matmul_A,
+                 project_B: Project = matmul_B) -> torch.Tensor:
+    """`result + scaling * (B (A h) + bias)`: the base output plus one adapter's term, `result`'s dtype.
 
     With the default (linear) projections and `result` in B's dtype the term is
     accumulated by one fused GEMM + add (`addmm`), without a separate `(..., out)` buffer.
@@ -59,8 +66,10 @@ def add_low_rank(result: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torc
     xa = project_A(h, A)
     if project_B is matmul_B and result.dtype == B.dtype:
         out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T, alpha=scaling)
+        if bias is not None:
+            out.add_(bias, alpha=scaling)
         return out.view(result.shape)
-    return result + (project_B(xa, B) * scaling).to(result.dtype)
+    return result + (project_B(xa, B, bias) * scaling).to(result.dtype)
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float32,
@@ -78,6 +87,14 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.
     a = A.reshape(groups, r // groups, -1)
     b = B.reshape(groups, out // groups, r // groups)
     return torch.bmm(b, a).reshape(out, -1).mul_(scaling)
+
+
+def merged_bias(bias: torch.Tensor, terms: list[tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
+    """`bias + sum(scaling * b_B)` over `terms = [(b_B, scaling), ...]`, computed in `dtype`, in `bias`'s dtype."""
+    acc = bias.to(dtype)
+    for b, scaling in terms:
+        acc = acc + b.to(dtype) * scaling
+    return acc.to(bias.dtype)
 
 
 def rowwise_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
