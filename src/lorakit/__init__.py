@@ -28,6 +28,8 @@ from . import quant
 from .quant import quantize
 from .variants.loraplus import loraplus_param_groups
 from .variants.pissa import convert_pissa_to_lora, pissa_to_lora
+from .export import export_gguf_adapter, export_gguf_merged
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -41,4 +43,5 @@ __all__ = [
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
     "loraplus_param_groups", "convert_pissa_to_lora", "pissa_to_lora",
     "quantize", "quant",
+    "export_gguf_adapter", "export_gguf_merged", "verify", "VerifyReport",
 ]

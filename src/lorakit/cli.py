@@ -39,6 +39,8 @@ OPTIONAL_COMMANDS: dict[str, str] = {
     "analyze": "lorakit.analysis.cli",
     "experiment": "lorakit.experiments.cli",
     "bench": "lorakit.bench.cli",
+    "export": "lorakit.export.cli",
+    "verify": "lorakit.verify.cli",
 }
 
 

@@ -1,0 +1,146 @@
+"""The dynamic half of `lorakit.verify`: the same adapter in every form a user ships, compared on
+the same tokens by next-token logits.
+
+Forms: `unmerged` (lorakit's adapted model: the reference), `merged` (`lorakit.merge`),
+`reloaded` (saved and loaded again by lorakit), `peft` (Hugging Face PEFT loading the folder),
+`llama.cpp` (the adapter exported to GGUF, run by llama.cpp on the base model's GGUF file).
+
+Tolerances (max |logit difference| against the reference):
+- lorakit and PEFT forms: `rtol * max(1, max |reference logit|)` with `rtol = 1e-4` for a float32
+  model (1e-2 for 16-bit): merging rounds each weight once, the other forms compute the same
+  products in another order.
+- llama.cpp: its quantized kernels (8-bit activations against Q4_1 weights) already move the base
+  model's logits; the adapted logits must stay within `LLAMA_CPP_SLACK` times that base-vs-base
+  gap (plus `LLAMA_CPP_FLOOR`), and the adapter's effect (adapted minus base) must be reproduced to
+  within `LLAMA_CPP_EFFECT_RTOL` of its size. Measured on SmolLM2-135M: docs/export.md.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..inject import delete_adapter, disabled, set_active
+from ..io import load_adapter, save_adapter
+from ..merge import merge, unmerge
+
+LLAMA_CPP_SLACK = 2.0
+LLAMA_CPP_FLOOR = 0.05
+LLAMA_CPP_EFFECT_RTOL = 0.25
+
+
+@dataclass
+class FormCheck:
+    """One form against the reference: `ok` is None when the check was skipped (`note` says why)."""
+
+    form: str
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    ok: bool | None = None
+    note: str = ""
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`model(ids).logits` in float32 on the CPU, in eval mode (the mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return model(ids.to(device)).logits.float().cpu()
+    finally:
+        model.train(was)
+
+
+def rtol_for(model: nn.Module) -> float:
+    dtype = next(model.parameters()).dtype
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def compare(form: str, got: torch.Tensor, ref: torch.Tensor, rtol: float) -> FormCheck:
+    diff = float((got - ref).abs().max())
+    tol = rtol * max(1.0, float(ref.abs().max()))
+    return FormCheck(form, diff, tol, diff <= tol)
+
+
+def lorakit_forms(model: nn.Module, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[FormCheck]]:
+    """`(reference logits, base logits, [merged, reloaded])` for adapter `name`, the only active one."""
+    rtol = rtol_for(model)
+    ref = logits(model, ids)
+    with disabled(model):
+        base = logits(model, ids)
+    merge(model, [name])
+    try:
+        checks = [compare("merged", logits(model, ids), ref, rtol)]
+    finally:
+        unmerge(model)
+    copy = f"{name}_reloaded"
+    with tempfile.TemporaryDirectory(prefix="lorakit-verify-") as tmp:
+        save_adapter(model, tmp, name)
+        load_adapter(model, tmp, copy, trainable=False, activate=True)
+    try:
+        set_active(model, [copy])
+        checks.append(compare("reloaded", logits(model, ids), ref, rtol))
+    finally:
+        delete_adapter(model, copy)
+        set_active(model, [name])
+    return ref, base, checks
+
+
+def peft_form(model: nn.Module, folder: str | Path, ids: torch.Tensor, ref: torch.Tensor) -> FormCheck:
+    """PEFT's `PeftModel.from_pretrained(model, folder)` against `ref`; `model` must carry no lorakit
+    adapters. PEFT's layers are removed again afterwards (`unload`)."""
+    try:
+        from peft import PeftModel
+    except ModuleNotFoundError:
+        return FormCheck("peft", note="PEFT is not installed")
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except Exception as exc:  # PEFT's own error types vary by version
+        return FormCheck("peft", ok=False, note=f"PEFT could not load it: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    try:
+        return compare("peft", logits(wrapped, ids), ref, rtol_for(model))
+    finally:
+        wrapped.unload()
+
+
+def llama_cpp_form(folder: str | Path, base_gguf: str | Path, ids: torch.Tensor, ref: torch.Tensor,
+                   base: torch.Tensor) -> FormCheck:
+    """The adapter exported to GGUF and run by llama.cpp on `base_gguf`, against `ref` (lorakit's
+    adapted logits) and `base` (lorakit's base logits) for the first row of `ids`."""
+    from ..export import GGUFExportError, export_gguf_adapter
+    from .llamacpp import LlamaCpp, available
+
+    if not available():
+        return FormCheck("llama.cpp", note="llama-cpp-python is not installed")
+    row = ids[0].tolist()
+    with tempfile.TemporaryDirectory(prefix="lorakit-verify-") as tmp:
+        out = Path(tmp) / "adapter.gguf"
+        try:
+            export_gguf_adapter(folder, out, base_gguf=base_gguf)
+        except GGUFExportError as exc:
+            return FormCheck("llama.cpp", note=f"no GGUF form: {exc}")
+        with LlamaCpp(base_gguf) as plain:
+            cpp_base = plain.logits(row)
+        with LlamaCpp(base_gguf, out) as adapted:
+            cpp = adapted.logits(row)
+    return judge_llama_cpp(cpp, cpp_base, ref[0].numpy(), base[0].numpy())
+
+
+def judge_llama_cpp(cpp: np.ndarray, cpp_base: np.ndarray, ref: np.ndarray, base: np.ndarray) -> FormCheck:
+    """llama.cpp's adapted logits `cpp` against lorakit's `ref`, all `(tokens, vocab)`; see the
+    module docstring for the rule."""
+    gap = float(np.abs(cpp_base - base).max())
+    diff = float(np.abs(cpp - ref).max())
+    tol = LLAMA_CPP_SLACK * gap + LLAMA_CPP_FLOOR
+    effect = ref - base
+    effect_err = float(np.abs((cpp - cpp_base) - effect).max())
+    effect_size = float(np.abs(effect).max())
+    ok = diff <= tol and effect_err <= LLAMA_CPP_EFFECT_RTOL * effect_size + LLAMA_CPP_FLOOR
+    note = (f"base-vs-base gap {gap:.3g}; adapter effect {effect_size:.3g}, reproduced to {effect_err:.3g}")
+    return FormCheck("llama.cpp", diff, tol, ok, note)

@@ -1,0 +1,109 @@
+"""Running a GGUF model (with an optional LoRA adapter file) in llama.cpp itself, through
+`llama-cpp-python` (an optional dependency: `pip install llama-cpp-python`; it compiles llama.cpp).
+
+llama.cpp computes in its own kernels: a Q4_1 matrix is multiplied with activations quantized to
+8 bits per block of 32 (`Q8_1`), so its logits differ from a float32 evaluation of the same
+dequantized weights by more than float rounding (measured on SmolLM2-135M: docs/export.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import LoraError
+
+
+def available() -> bool:
+    """True when `llama_cpp` (llama-cpp-python) is installed."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCpp:
+    """A llama.cpp model loaded from `model` (a GGUF file), with `lora` (an adapter GGUF) applied
+    at scale `lora_scale` when given. CPU only, `threads` threads (default: all usable CPUs).
+
+    Raises:
+        LoraError: llama-cpp-python is not installed, or llama.cpp refuses the files (its own
+            message is printed on stderr by llama.cpp).
+    """
+
+    def __init__(self, model: str | Path, lora: str | Path | None = None, *, lora_scale: float = 1.0,
+                 n_ctx: int = 512, threads: int | None = None):
+        if not available():
+            raise LoraError("llama-cpp-python is not installed: pip install llama-cpp-python")
+        from llama_cpp import Llama
+
+        threads = threads or len(os.sched_getaffinity(0))
+        with _captured_stderr() as log:
+            try:
+                self.llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, lora_scale=lora_scale,
+                                 n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                 logits_all=True, verbose=False, seed=0)
+                error = None
+            except (ValueError, RuntimeError) as exc:
+                error = exc
+        if error is not None:
+            said = [line for line in log.text().splitlines() if "error" in line.lower() or "failed" in line.lower()]
+            raise LoraError(f"llama.cpp could not load {model}" + (f" with {lora}" if lora else "")
+                            + f": {error}" + (f" ({said[-1].strip()})" if said else ""))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position of `ids`: `(len(ids), vocab)` float32, from a fresh context."""
+        self.llm.reset()
+        self.llm.eval(list(int(i) for i in ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: Sequence[int], n: int) -> list[int]:
+        """`n` tokens generated greedily (argmax of the logits) after the prompt `ids`."""
+        out = []
+        scores = self.logits(ids)[-1]
+        for _ in range(n):
+            token = int(np.argmax(scores))
+            out.append(token)
+            self.llm.eval([token])
+            scores = self.llm.scores[self.llm.n_tokens - 1]
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
+    def __enter__(self) -> "LlamaCpp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Log:
+    def __init__(self, file):
+        self.file = file
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Send the C-level stderr (llama.cpp's log lines) to a temporary file while loading; its text
+    stays readable for an error message. `LORAKIT_DEBUG=1` leaves stderr alone."""
+    with tempfile.TemporaryFile() as file:
+        if os.environ.get("LORAKIT_DEBUG"):
+            yield _Log(file)
+            return
+        saved = os.dup(2)
+        try:
+            os.dup2(file.fileno(), 2)
+            yield _Log(file)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
