@@ -104,6 +104,7 @@ def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *
                               "convert it first (lorakit.convert_pissa_to_lora), or export the merged model")
     pairs = _pairs(config, tensors)
     names = {p.path: _gguf_name(arch, p, base_shapes) for p in pairs}
+    pairs.sort(key=lambda p: _order(names[p.path]))  # the same file from a folder or from a model
     alpha, factors = _alpha(pairs)
     out = AdapterExport(Path(out_file), arch.arch, alpha)
     written = []
@@ -166,11 +167,12 @@ def _base_info(model, base_gguf) -> tuple[GGUFArch, dict[str, tuple[int, ...]] |
 
 
 def _module_of(key: str) -> str:
+    """The module path of an adapter file key (`base_model.model.<path>.lora_A.weight` -> `<path>`)."""
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     for suffix in (*_LINEAR, *_EMBEDDING, "lora_magnitude_vector"):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1]
-    return key
+    return key.rpartition(".")[0]  # a modules_to_save copy or a bias: `<path>.weight`
 
 
 def _pairs(config, tensors: dict[str, torch.Tensor]) -> list[_Pair]:
@@ -217,6 +219,14 @@ def _gguf_name(arch: GGUFArch, pair: _Pair, base_shapes) -> str:
             raise GGUFExportError(f"{pair.path}: the adapter fits a weight of shape {want}, but the base GGUF's "
                                   f"{name} has shape {tuple(shape)} (a different base model?)")
     return name
+
+
+def _order(name: str) -> tuple:
+    """token_embd, then blocks in numeric order, then the rest (output): llama.cpp's usual tensor order."""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), name)
+    return (0 if parts[0] == "token_embd" else 2, 0, name)
 
 
 def _alpha(pairs: list[_Pair]) -> tuple[float, dict[str, float]]:

@@ -69,8 +69,9 @@ def kind_of(path: str, module: nn.Module | None, head_paths: set[str]) -> str:
 
 
 def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, int, nn.Module]]:
-    """`(module path, kind, elements, base module)` for every linear parameter of `model` (adapted
-    layers count their base layer; 3-D expert parameters count whole)."""
+    """`(path, kind, elements, module)` for every linear parameter of `model`: weights of Linear,
+    Conv1D and Embedding modules (an adapted layer counts its base layer), and the matrices and 3-D
+    expert tensors of other modules (a MoE router, `experts.gate_up_proj`)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     head_paths = {p for p, m in walk(model) if m is head or (isinstance(m, LoraLayer) and m.base_layer is head)}
     for path, module in walk(model):
@@ -79,10 +80,12 @@ def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, int, nn.Module]
             base = module.original_module
         if isinstance(base, (nn.Linear, nn.Embedding)) or is_conv1d(base):
             yield path, kind_of(path, base, head_paths), base.weight.numel(), module
-        elif not isinstance(module, LoraLayer):
+        elif not isinstance(module, (LoraLayer, ModulesToSave)):
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() == 3:  # mixture-of-experts weights kept as (experts, out, in) parameters
                     yield f"{path}.{name}", "experts", p.numel(), module
+                elif p.dim() == 2:  # a matrix in a custom module (a MoE router, ...)
+                    yield f"{path}.{name}", kind_of(path, module, head_paths), p.numel(), module
 
 
 def coverage(model: nn.Module, adapter: str) -> dict[str, KindCoverage]:
