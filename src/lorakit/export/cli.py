@@ -79,10 +79,25 @@ def _recorded_model(adapter: Path) -> str:
 
 
 def load_base_model(base: Base):
-    """`(model, tokenizer)` of `base` in float32 on the CPU (a GGUF file is converted once and cached)."""
-    from ..train.models import load_model, resolve_model
+    """`(model, tokenizer or None)` of `base`: float32, CPU, eval mode (a GGUF file is converted once
+    and cached by `lorakit.train.models`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return load_model(resolve_model(base.spec), "causal-lm")
+    from ..train.errors import ModelLoadError
+    from ..train.models import model_folder, quiet_transformers, resolve_model
+
+    folder = model_folder(resolve_model(base.spec))
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load {base.spec!r} as a causal LM: {str(exc).strip().splitlines()[0]}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    return model, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from ..inject import active_adapters, delete_adapter, set_active, unload
 from ..io import load_adapter, read_adapter
 from ..state import get_state, has_adapters, unwrap
 from .coverage import KINDS, KindCoverage, ModuleDelta, coverage, module_deltas, unmatched_keys
-from .forms import FormCheck, llama_cpp_form, lorakit_forms, peft_form
+from .forms import FormCheck, llama_cpp_forms, lorakit_forms, peft_form
 
 NEAR_ZERO = 1e-6  # an update below this share of its weight (Frobenius norms) does nothing measurable in float32
 
@@ -91,7 +91,7 @@ def verify(model: nn.Module, adapter: str | Path, *, input_ids: torch.Tensor | N
     ref = base = None
     with _loaded(inner, adapter) as (name, error):
         if error is not None:
-            report.problems.append(error)
+            report.problems += _problems(report, files.config.modules_to_save) + [error]
             return report
         report.coverage = coverage(inner, name)
         report.deltas = module_deltas(inner, name)
@@ -102,8 +102,9 @@ def verify(model: nn.Module, adapter: str | Path, *, input_ids: torch.Tensor | N
         report.forms.append(peft_form(inner, adapter, ids, ref) if not has_adapters(inner)
                             else FormCheck("peft", note="skipped: the model carries other lorakit adapters"))
     if llama_cpp:
-        report.forms.append(llama_cpp_form(adapter, base_gguf, ids, ref, base) if base_gguf is not None
-                            else FormCheck("llama.cpp", note="skipped: no base GGUF file given"))
+        report.forms += (llama_cpp_forms(inner, adapter, base_gguf, ids, ref, base) if base_gguf is not None and not has_adapters(inner)
+                         else [FormCheck("llama.cpp", note="skipped: " + ("no base GGUF file given" if base_gguf is None
+                                                                          else "the model carries other lorakit adapters"))])
     report.problems += _problems(report, files.config.modules_to_save)
     return report
 

@@ -10,9 +10,12 @@ Tolerances (max |logit difference| against the reference):
   model (1e-2 for 16-bit): merging rounds each weight once, the other forms compute the same
   products in another order.
 - llama.cpp: its quantized kernels (8-bit activations against Q4_1 weights) already move the base
-  model's logits; the adapted logits must stay within `LLAMA_CPP_SLACK` times that base-vs-base
-  gap (plus `LLAMA_CPP_FLOOR`), and the adapter's effect (adapted minus base) must be reproduced to
-  within `LLAMA_CPP_EFFECT_RTOL` of its size. Measured on SmolLM2-135M: docs/export.md.
+  model's logits (SmolLM2-135M: up to 1.3-1.6 of logits reaching 36); the adapted logits must stay
+  within `LLAMA_CPP_SLACK` times that base-vs-base gap (plus `LLAMA_CPP_FLOOR`), and the adapter's
+  effect must be reproduced (`judge_llama_cpp`). On the quantized file, an adapter's effect is often
+  smaller than that rounding, so the same adapter also runs on a float32 GGUF of the base model
+  (`llama.cpp f32`), where llama.cpp agrees with lorakit to about 0.03 and the effect is checked
+  precisely. Measurements: docs/export.md.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..merge import merge, unmerge
 LLAMA_CPP_SLACK = 2.0
 LLAMA_CPP_FLOOR = 0.05
 LLAMA_CPP_EFFECT_RTOL = 0.25
+PRECISE_MAX_PARAMS = 2_000_000_000  # the float32 GGUF copy of the model: at most 8 GB in a temporary folder
 
 
 @dataclass
@@ -109,38 +113,64 @@ def peft_form(model: nn.Module, folder: str | Path, ids: torch.Tensor, ref: torc
         wrapped.unload()
 
 
-def llama_cpp_form(folder: str | Path, base_gguf: str | Path, ids: torch.Tensor, ref: torch.Tensor,
-                   base: torch.Tensor) -> FormCheck:
-    """The adapter exported to GGUF and run by llama.cpp on `base_gguf`, against `ref` (lorakit's
-    adapted logits) and `base` (lorakit's base logits) for the first row of `ids`."""
-    from ..export import GGUFExportError, export_gguf_adapter
-    from .llamacpp import LlamaCpp, available
+def llama_cpp_forms(model: nn.Module, folder: str | Path, base_gguf: str | Path, ids: torch.Tensor, ref: torch.Tensor,
+                    base: torch.Tensor) -> list[FormCheck]:
+    """The adapter exported to GGUF and run by llama.cpp, against `ref` (lorakit's adapted logits) and
+    `base` (lorakit's base logits), first row of `ids`: on `base_gguf` (what the user ships), and on
+    a float32 GGUF of `model` itself (written with `export_gguf_merged`; `model` must carry no
+    adapter then), where llama.cpp's own rounding is small enough to check the adapter's effect
+    precisely. The second is skipped for models over `PRECISE_MAX_PARAMS` parameters."""
+    from ..export import GGUFExportError, export_gguf_adapter, export_gguf_merged
+    from .llamacpp import available
 
     if not available():
-        return FormCheck("llama.cpp", note="llama-cpp-python is not installed")
-    row = ids[0].tolist()
+        return [FormCheck("llama.cpp", note="llama-cpp-python is not installed")]
     with tempfile.TemporaryDirectory(prefix="lorakit-verify-") as tmp:
-        out = Path(tmp) / "adapter.gguf"
+        adapter = Path(tmp) / "adapter.gguf"
         try:
-            export_gguf_adapter(folder, out, base_gguf=base_gguf)
+            export_gguf_adapter(folder, adapter, base_gguf=base_gguf)
         except GGUFExportError as exc:
-            return FormCheck("llama.cpp", note=f"no GGUF form: {exc}")
-        with LlamaCpp(base_gguf) as plain:
-            cpp_base = plain.logits(row)
-        with LlamaCpp(base_gguf, out) as adapted:
-            cpp = adapted.logits(row)
-    return judge_llama_cpp(cpp, cpp_base, ref[0].numpy(), base[0].numpy())
+            return [FormCheck("llama.cpp", note=f"no GGUF form: {exc}")]
+        checks = [_run_llama_cpp("llama.cpp", base_gguf, adapter, ids, ref, base)]
+        if sum(p.numel() for p in model.parameters()) > PRECISE_MAX_PARAMS:
+            return checks + [FormCheck("llama.cpp f32", note="skipped: the model is too large for a float32 copy")]
+        f32 = Path(tmp) / "base-f32.gguf"
+        export_gguf_merged(model, f32, source_gguf=base_gguf, outtype="f32")
+        checks.append(_run_llama_cpp("llama.cpp f32", f32, adapter, ids, ref, base))
+    return checks
 
 
-def judge_llama_cpp(cpp: np.ndarray, cpp_base: np.ndarray, ref: np.ndarray, base: np.ndarray) -> FormCheck:
-    """llama.cpp's adapted logits `cpp` against lorakit's `ref`, all `(tokens, vocab)`; see the
-    module docstring for the rule."""
+def _run_llama_cpp(form: str, base_file: Path, adapter: Path, ids: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> FormCheck:
+    from .llamacpp import LlamaCpp
+
+    row = ids[0].tolist()
+    with LlamaCpp(base_file) as plain:
+        cpp_base = plain.logits(row)
+    with LlamaCpp(base_file, adapter) as adapted:
+        cpp = adapted.logits(row)
+    return judge_llama_cpp(form, cpp, cpp_base, ref[0].numpy(), base[0].numpy())
+
+
+def judge_llama_cpp(form: str, cpp: np.ndarray, cpp_base: np.ndarray, ref: np.ndarray, base: np.ndarray) -> FormCheck:
+    """llama.cpp's adapted logits `cpp` (and its base logits `cpp_base`) against lorakit's adapted
+    `ref` and base `base`, all `(tokens, vocab)`.
+
+    llama.cpp's own deviation on this base file, `gap = max |cpp_base - base|`, sets the tolerance:
+    `max |cpp - ref| <= LLAMA_CPP_SLACK * gap + LLAMA_CPP_FLOOR`. The adapter's effect is checked in
+    Frobenius norms over all logits: with `noise = ||cpp_base - base||` and `effect = ||ref - base||`,
+    `||(cpp - cpp_base) - (ref - base)|| <= LLAMA_CPP_EFFECT_RTOL * effect + 2 * noise`; when the
+    effect is below 3 noise the two cannot be told apart and only the first rule applies (noted).
+    """
+    norm = np.linalg.norm
     gap = float(np.abs(cpp_base - base).max())
     diff = float(np.abs(cpp - ref).max())
     tol = LLAMA_CPP_SLACK * gap + LLAMA_CPP_FLOOR
-    effect = ref - base
-    effect_err = float(np.abs((cpp - cpp_base) - effect).max())
-    effect_size = float(np.abs(effect).max())
-    ok = diff <= tol and effect_err <= LLAMA_CPP_EFFECT_RTOL * effect_size + LLAMA_CPP_FLOOR
-    note = (f"base-vs-base gap {gap:.3g}; adapter effect {effect_size:.3g}, reproduced to {effect_err:.3g}")
-    return FormCheck("llama.cpp", diff, tol, ok, note)
+    noise, effect = float(norm(cpp_base - base)), float(norm(ref - base))
+    err = float(norm((cpp - cpp_base) - (ref - base)))
+    ok = diff <= tol
+    if effect >= 3 * noise:
+        ok = ok and err <= LLAMA_CPP_EFFECT_RTOL * effect + 2 * noise
+        note = f"base-vs-base gap {gap:.3g}; adapter effect reproduced to {err / effect:.1%}"
+    else:
+        note = f"base-vs-base gap {gap:.3g}; the adapter's effect is within llama.cpp's rounding on this file"
+    return FormCheck(form, diff, tol, ok, note)
