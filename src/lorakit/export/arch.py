@@ -15,6 +15,7 @@ for LoRA tensors and merged weights:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,12 +113,23 @@ def name_map(arch: str, n_layer: int):
 
 
 def open_reader(path: str | Path):
-    """A `gguf.GGUFReader` of `path`. Raises `GGUFExportError` when the file is missing or not GGUF."""
-    from gguf import GGUFReader
+    """A `gguf.GGUFReader` of `path` (memory-mapped; the last few are kept, keyed by path, size and
+    modification time: parsing a tokenizer's 49k-entry arrays takes seconds).
 
-    path = Path(path)
+    Raises:
+        GGUFExportError: the file is missing or not a GGUF file.
+    """
+    path = Path(path).resolve()
     if not path.is_file():
         raise GGUFExportError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _reader(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, size: int, mtime_ns: int):
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path)
     except (ValueError, OSError) as exc:

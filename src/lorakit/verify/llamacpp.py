@@ -38,7 +38,7 @@ class LlamaCpp:
     """
 
     def __init__(self, model: str | Path, lora: str | Path | None = None, *, lora_scale: float = 1.0,
-                 n_ctx: int = 512, threads: int = 1):
+                 n_ctx: int = 512, threads: int = 1, kv_f32: bool = False):
         if not available():
             raise LoraError("llama-cpp-python is not installed: pip install llama-cpp-python")
         from llama_cpp import Llama
@@ -47,7 +47,7 @@ class LlamaCpp:
             try:
                 self.llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, lora_scale=lora_scale,
                                  n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                 logits_all=True, verbose=False, seed=0)
+                                 logits_all=True, verbose=False, seed=0, **({"type_k": 0, "type_v": 0} if kv_f32 else {}))
                 error = None
             except (ValueError, RuntimeError) as exc:
                 error = exc
