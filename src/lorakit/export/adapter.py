@@ -93,15 +93,7 @@ def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *
     check_outtype(outtype, ("f32", "f16", "bf16"))
     config, tensors, owner = _adapter_source(adapter, adapter_name)
     arch, base_shapes = _base_info(model if model is not None else owner, base_gguf)
-    if config.use_dora:
-        key = next((k for k in tensors if k.endswith("lora_magnitude_vector")), "")
-        raise GGUFExportError(f"{_module_of(key) or 'the adapter'}: DoRA's magnitude vector has no form in a llama.cpp "
-                              "LoRA file; export the merged model instead (--merged)")
-    from ..variants.pissa import is_weight_init
-
-    if is_weight_init(config.init):
-        raise GGUFExportError(f"init={config.init!r}: this adapter belongs to a residual base, not the original model; "
-                              "convert it first (lorakit.convert_pissa_to_lora), or export the merged model")
+    _refuse_variants(config, tensors)
     pairs = _pairs(config, tensors)
     names = {p.path: _gguf_name(arch, p, base_shapes) for p in pairs}
     pairs.sort(key=lambda p: _order(names[p.path]))  # the same file from a folder or from a model
@@ -117,6 +109,24 @@ def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *
         b = arch.permute_rows(name, b)
         written += [encode(f"{name}.lora_a", a.T if p.embedding else a, outtype), encode(f"{name}.lora_b", b, outtype)]
         out.tensors[name] = p.path
+    write_gguf(out.path, arch.arch, _metadata(alpha, config), written)
+    return out
+
+
+def _refuse_variants(config, tensors) -> None:
+    """DoRA and PiSSA/OLoRA adapters have no llama.cpp LoRA form."""
+    from ..variants.pissa import is_weight_init
+
+    if config.use_dora:
+        key = next((k for k in tensors if k.endswith("lora_magnitude_vector")), "")
+        raise GGUFExportError(f"{_module_of(key) or 'the adapter'}: DoRA's magnitude vector has no form in a llama.cpp "
+                              "LoRA file; export the merged model instead (--merged)")
+    if is_weight_init(config.init):
+        raise GGUFExportError(f"init={config.init!r}: this adapter belongs to a residual base, not the original model; "
+                              "convert it first (lorakit.convert_pissa_to_lora), or export the merged model")
+
+
+def _metadata(alpha: float, config) -> list[Value]:
     import gguf
 
     values = [Value("general.type", "adapter", gguf.GGUFValueType.STRING),
@@ -125,8 +135,7 @@ def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *
     if config.base_model_name_or_path:
         values.append(Value("general.name", f"LoRA adapter for {Path(config.base_model_name_or_path).name}",
                             gguf.GGUFValueType.STRING))
-    write_gguf(out.path, arch.arch, values, written)
-    return out
+    return values
 
 
 def _adapter_source(adapter, adapter_name):
