@@ -286,6 +286,18 @@ def test_merged_q8_0_and_tied_head(tmp_path, tokenizer_gguf):
 
 
 @pytest.mark.realmodel
+def test_merged_embedding_adapter_on_a_tied_model_unties_the_head(tmp_path, tokenizer_gguf):
+    model = adapted_llama(lk.LoraConfig(r=4, alpha=8, target_modules=["embed_tokens"]), vocab_size=49152, tie_word_embeddings=True)
+    export_gguf_merged(model, tmp_path / "m.gguf", source_gguf=tokenizer_gguf, outtype="f32")
+    _, t = read(tmp_path / "m.gguf")
+    with pytest.warns(UserWarning, match="tied"):
+        reference = lk.merge_and_unload(model)  # lorakit unties: the head keeps the base weight
+    np.testing.assert_array_equal(t["token_embd.weight"], reference.model.embed_tokens.weight.double().numpy())
+    np.testing.assert_array_equal(t["output.weight"], reference.lm_head.weight.double().numpy())
+    assert not np.array_equal(t["output.weight"], t["token_embd.weight"])
+
+
+@pytest.mark.realmodel
 def test_merged_refuses_a_tokenizer_of_another_size(tmp_path, tokenizer_gguf):
     model = adapted_llama(lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))  # vocabulary 128
     with pytest.raises(GGUFExportError, match="49152 tokens, the model's vocabulary 128"):

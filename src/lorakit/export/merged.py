@@ -123,12 +123,18 @@ def _layer_parameters(layer: LoraLayer, path: str):
 
 
 def _drop_tied_output(tensors: list[Tensor], model: nn.Module) -> None:
-    """Drop `output.weight` when it is the token embedding itself (llama.cpp then reuses `token_embd`)."""
+    """Drop `output.weight` when the head is the token embedding itself and neither carries an active
+    adapter (llama.cpp then reuses `token_embd`). Once either is merged the two differ, as after
+    `lorakit.merge`, which unties them."""
     head, embed = getattr(model, "get_output_embeddings", lambda: None)(), getattr(model, "get_input_embeddings", lambda: None)()
-    base = head.base_layer if isinstance(head, LoraLayer) else head
-    if isinstance(head, LoraLayer) and any(n in head.lora_A for n in head.active_adapters) and not head.disabled:
-        return  # an adapted head is its own tensor once merged
-    if base is not None and embed is not None and getattr(base, "weight", None) is getattr(embed, "weight", 0):
+
+    def plain(module):
+        adapted = isinstance(module, LoraLayer) and not module.disabled and any(n in module.lora_A for n in module.active_adapters)
+        return (module.base_layer if isinstance(module, LoraLayer) else module), adapted
+
+    (head, head_adapted), (embed, embed_adapted) = plain(head), plain(embed)
+    tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    if tied and not head_adapted and not embed_adapted:
         tensors[:] = [t for t in tensors if t.name != "output.weight"]
 
 
