@@ -93,6 +93,19 @@ def test_all_linear_on_a_mixtral_style_model_reports_the_uncovered_experts(tmp_p
     assert report.ok and "not adapted at all: " in report.to_text() and "experts" in report.to_text().split("not adapted at all: ")[1]
 
 
+def test_static_checks_for_a_training_report():
+    from lorakit.verify import static_checks
+
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    fresh = static_checks(model)  # B starts at zero: a no-op until trained
+    assert fresh["no_op"] and fresh["modules"] == 4 and len(fresh["zero_b"]) == 4 and fresh["rel_norm"]["max"] == 0.0
+    randomize_lora(model)
+    trained = static_checks(model)
+    assert not trained["no_op"] and trained["zero_b"] == [] and trained["rel_norm"]["min"] > 0
+    assert trained["coverage"]["attention"]["covered_modules"] == 4 and json.dumps(trained)
+
+
 def test_a_model_with_adapters_gets_them_back(tmp_path):
     folder = saved(tmp_path, tiny_llama(), lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     model = tiny_llama()

@@ -8,7 +8,8 @@ Static checks: coverage by kind (attention, MLP, experts, head, embeddings), key
 module, modules whose B is all zero or whose update is negligible, the update's size relative to
 each weight. Dynamic checks: next-token logits of the unmerged adapter against the merged one, the
 one reloaded from disk, PEFT's (when installed) and llama.cpp's (when llama-cpp-python is installed
-and the base model's GGUF file is given); tolerances in `lorakit.verify.forms`.
+and the base model's GGUF file is given: on that file, and on a float32 GGUF of the model);
+tolerances in `lorakit.verify.forms`.
 
 The model is left as it was: the adapter is loaded under a temporary name and removed again
 (with one exception: merging an adapter on an output head tied to the embedding unties them,
@@ -109,6 +110,26 @@ def verify(model: nn.Module, adapter: str | Path, *, input_ids: torch.Tensor | N
     return report
 
 
+def static_checks(model: nn.Module, adapter: str = "default") -> dict:
+    """The cheap half of `verify` for a model that carries adapter `adapter` (no files, no forward
+    pass; for a training report): JSON-ready `{"coverage": {kind: {modules, covered_modules, params,
+    covered_params, share}}, "modules": n, "zero_b": [paths], "rel_norm": {"min", "median", "max"},
+    "no_op": bool}` (`rel_norm` = `||W - W0||_F / ||W0||_F` per adapted module; `no_op`: every B zero
+    or every update below `NEAR_ZERO`)."""
+    import statistics
+
+    inner = unwrap(model)
+    deltas = module_deltas(inner, adapter)
+    norms = [d.rel_norm for d in deltas]
+    return {
+        "coverage": {k: {**asdict(c), "share": c.share} for k, c in coverage(inner, adapter).items() if c.modules},
+        "modules": len(deltas),
+        "zero_b": [d.path for d in deltas if d.zero_b],
+        "rel_norm": {"min": min(norms), "median": statistics.median(norms), "max": max(norms)} if norms else {},
+        "no_op": bool(deltas) and all(d.zero_b or d.rel_norm < NEAR_ZERO for d in deltas),
+    }
+
+
 def probe_ids(model: nn.Module, n: int = 32) -> torch.Tensor:
     """`(1, n)` fixed pseudo-random token ids below the model's vocabulary size (seeded, reproducible)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 100
@@ -155,4 +176,4 @@ def _problems(report: VerifyReport, modules_to_save) -> list[str]:
     return out
 
 
-__all__ = ["verify", "VerifyReport", "KindCoverage", "ModuleDelta", "FormCheck", "KINDS", "NEAR_ZERO"]
+__all__ = ["verify", "static_checks", "VerifyReport", "KindCoverage", "ModuleDelta", "FormCheck", "KINDS", "NEAR_ZERO"]

@@ -3,7 +3,8 @@ the same tokens by next-token logits.
 
 Forms: `unmerged` (lorakit's adapted model: the reference), `merged` (`lorakit.merge`),
 `reloaded` (saved and loaded again by lorakit), `peft` (Hugging Face PEFT loading the folder),
-`llama.cpp` (the adapter exported to GGUF, run by llama.cpp on the base model's GGUF file).
+`llama.cpp` (the adapter exported to GGUF, run by llama.cpp on the base model's GGUF file) and
+`llama.cpp f32` (the same adapter file on a float32 GGUF of the base model).
 
 Tolerances (max |logit difference| against the reference):
 - lorakit and PEFT forms: `rtol * max(1, max |reference logit|)` with `rtol = 1e-4` for a float32
