@@ -40,6 +40,9 @@ def test_a_good_adapter_passes_and_the_model_is_left_as_it_was(tmp_path):
     assert (att.covered_modules, att.modules) == (4, 8) and att.params == 2 * (32 * 32 * 2 + 16 * 32 * 2)
     assert att.covered_params == 2 * (32 * 32 + 16 * 32) and mlp.covered_params == 2 * 64 * 32 and mlp.params == 2 * 3 * 64 * 32
     assert report.coverage["head"].covered_params == 0 and report.coverage["experts"].params == 0
+    every = report.coverage["all"]
+    assert every.params == sum(c.params for k, c in report.coverage.items() if k != "all")  # nothing tied here
+    assert every.covered_params == att.covered_params + mlp.covered_params
     forms = {f.form: f for f in report.forms}
     assert forms["merged"].ok and forms["merged"].max_abs_diff < 1e-5 and forms["reloaded"].max_abs_diff == 0.0
     assert forms["peft"].ok and forms["peft"].max_abs_diff < 1e-5
@@ -91,6 +94,15 @@ def test_all_linear_on_a_mixtral_style_model_reports_the_uncovered_experts(tmp_p
     assert experts.params == 2 * (4 * 128 * 32 + 4 * 32 * 64) and experts.covered_params == 0
     assert report.coverage["attention"].share == 1.0
     assert report.ok and "not adapted at all: " in report.to_text() and "experts" in report.to_text().split("not adapted at all: ")[1]
+
+
+def test_a_tied_head_counts_once_in_all(tmp_path):
+    folder = saved(tmp_path, tiny_llama(tie_word_embeddings=True), lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    report = lk.verify(tiny_llama(tie_word_embeddings=True), folder, llama_cpp=False, peft=False)
+    c = report.coverage
+    assert c["head"].params == c["embeddings"].params == 128 * 32
+    assert c["all"].params == sum(x.params for k, x in c.items() if k != "all") - 128 * 32
+    assert "(tied weights once: 1)" in report.to_text()
 
 
 def test_static_checks_for_a_training_report():

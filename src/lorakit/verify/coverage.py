@@ -68,8 +68,8 @@ def kind_of(path: str, module: nn.Module | None, head_paths: set[str]) -> str:
     return "other"
 
 
-def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, int, nn.Module]]:
-    """`(path, kind, elements, module)` for every linear parameter of `model`: weights of Linear,
+def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, nn.Module]]:
+    """`(path, kind, tensor, module)` for every linear parameter of `model`: weights of Linear,
     Conv1D and Embedding modules (an adapted layer counts its base layer), and the matrices and 3-D
     expert tensors of other modules (a MoE router, `experts.gate_up_proj`)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
@@ -79,29 +79,38 @@ def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, int, nn.Module]
         if isinstance(module, ModulesToSave):
             base = module.original_module
         if isinstance(base, (nn.Linear, nn.Embedding)) or is_conv1d(base):
-            yield path, kind_of(path, base, head_paths), base.weight.numel(), module
+            yield path, kind_of(path, base, head_paths), base.weight, module
         elif not isinstance(module, (LoraLayer, ModulesToSave)):
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() == 3:  # mixture-of-experts weights kept as (experts, out, in) parameters
-                    yield f"{path}.{name}", "experts", p.numel(), module
+                    yield f"{path}.{name}", "experts", p, module
                 elif p.dim() == 2:  # a matrix in a custom module (a MoE router, ...)
-                    yield f"{path}.{name}", kind_of(path, module, head_paths), p.numel(), module
+                    yield f"{path}.{name}", kind_of(path, module, head_paths), p, module
 
 
 def coverage(model: nn.Module, adapter: str) -> dict[str, KindCoverage]:
-    """Per kind: linear parameters of `model` and those adapter `adapter` adapts (or replaces by a
-    `modules_to_save` copy). A weight tied to another module counts in each module's kind."""
-    out = {k: KindCoverage(k) for k in KINDS}
-    for path, kind, n, module in linear_weights(model):
-        c = out[kind]
-        c.modules += 1
-        c.params += n
+    """Per kind (and `"all"`): linear parameters of `model` and those adapter `adapter` adapts (or
+    replaces by a `modules_to_save` copy). A weight tied to another module (a head sharing the token
+    embedding) counts in each module's kind, and once in `"all"`."""
+    out = {k: KindCoverage(k) for k in (*KINDS, "all")}
+    distinct: dict[int, list] = {}  # tensor id -> [elements, adapted through any of its modules]
+    for path, kind, weight, module in linear_weights(model):
         adapted = (isinstance(module, LoraLayer) and adapter in module.lora_A) or (
             isinstance(module, ModulesToSave) and adapter in module.modules_to_save)
-        if adapted:
-            c.covered_modules += 1
-            c.covered_params += n
+        _count(out[kind], weight.numel(), adapted)
+        entry = distinct.setdefault(id(weight), [weight.numel(), False])
+        entry[1] = entry[1] or adapted
+    for n, adapted in distinct.values():
+        _count(out["all"], n, adapted)
     return out
+
+
+def _count(c: KindCoverage, n: int, adapted: bool) -> None:
+    c.modules += 1
+    c.params += n
+    if adapted:
+        c.covered_modules += 1
+        c.covered_params += n
 
 
 def unmatched_keys(model: nn.Module, keys) -> list[str]:

@@ -12,17 +12,20 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _coverage_row(c, label: str | None = None) -> str:
+    return (f"  {label or c.kind:<11} {c.covered_modules:>4}/{c.modules:<4} modules  "
+            f"{_count(c.covered_params):>7}/{_count(c.params):<7} params  {100 * c.share:5.1f}%")
+
+
 def _coverage_lines(report) -> list[str]:
-    rows = [c for c in report.coverage.values() if c.modules]
-    lines = ["coverage of the linear parameters (adapted / all):"]
-    for c in rows:
-        lines.append(f"  {c.kind:<11} {c.covered_modules:>4}/{c.modules:<4} modules  "
-                     f"{_count(c.covered_params):>7}/{_count(c.params):<7} params  {100 * c.share:5.1f}%")
-    total, covered = sum(c.params for c in rows), sum(c.covered_params for c in rows)
-    if total:
-        lines.append(f"  {'all':<11} {'':>14}  {_count(covered):>7}/{_count(total):<7} params  {100 * covered / total:5.1f}%")
+    rows = [c for k, c in report.coverage.items() if k != "all" and c.modules]
+    lines = ["coverage of the linear parameters (adapted / all):"] + [_coverage_row(c) for c in rows]
+    total = report.coverage.get("all")
+    if total is not None and total.params:
+        tied = sum(c.modules for c in rows) - total.modules
+        lines.append(_coverage_row(total, "all") + (f"  (tied weights once: {tied})" if tied else ""))
     skipped = [c.kind for c in rows if c.covered_params == 0]
-    if skipped and covered:
+    if skipped and total is not None and total.covered_params:
         lines.append(f"  not adapted at all: {', '.join(skipped)}")
     return lines
 
