@@ -101,6 +101,14 @@ def test_tiny_adapters_compute_in_llama_cpp_what_they_compute_in_lorakit(tiny):
         assert np.abs(llm.logits(TOKENS) - ref).max() > 10 * F32_RTOL * scale(ref)
 
 
+def test_llama_cpp_refusing_a_file_is_a_lora_error_with_its_reason(tiny, tmp_path):
+    _, base_file, adapter_file, _, _ = tiny
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(adapter_file.read_bytes()[:4096])  # a truncated adapter file
+    with pytest.raises(lk.LoraError, match="refused the adapter file .*not within the file bounds"):
+        LlamaCpp(base_file, broken)  # llama-cpp-python alone would run the base model without a word
+
+
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_tiny_merged_files_run_alone_in_llama_cpp(tiny, tmp_path, source_gguf, outtype):
     model, _, _, base, ref = tiny

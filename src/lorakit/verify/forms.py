@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import LoraError
 from ..inject import delete_adapter, disabled, set_active
 from ..io import load_adapter, save_adapter
 from ..merge import merge, unmerge
@@ -133,7 +134,10 @@ def llama_cpp_forms(model: nn.Module, folder: str | Path, base_gguf: str | Path,
             export_gguf_adapter(folder, adapter, base_gguf=base_gguf)
         except GGUFExportError as exc:
             return [FormCheck("llama.cpp", note=f"no GGUF form: {exc}")]
-        checks = [_on_shipped_base(base_gguf, adapter, ids, ref, base)]
+        try:
+            checks = [_on_shipped_base(base_gguf, adapter, ids, ref, base)]
+        except LoraError as exc:  # llama.cpp refused the files: the form the user ships does not work
+            return [FormCheck("llama.cpp", ok=False, note=str(exc))]
         if sum(p.numel() for p in model.parameters()) > PRECISE_MAX_PARAMS:
             return checks + [FormCheck("llama.cpp f32", note="skipped: the model is too large for a float32 copy")]
         f32 = Path(tmp) / "base-f32.gguf"

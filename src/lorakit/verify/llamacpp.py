@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -50,11 +52,15 @@ class LlamaCpp:
                                  logits_all=True, verbose=False, seed=0, **({"type_k": 0, "type_v": 0} if kv_f32 else {}))
                 error = None
             except (ValueError, RuntimeError) as exc:
-                error = exc
+                error = str(exc)
+            # llama-cpp-python 0.3.36 misses a failed adapter load (a NULL pointer is not None): check it here
+            if error is None and lora and not bool(getattr(self.llm, "_lora_adapter", True)):
+                error = "llama.cpp refused the adapter file"
+                _retry_for_the_reason(self.llm, lora)
+            said = [line.strip() for line in log.text().splitlines() if "error" in line.lower() or "failed" in line.lower()]
         if error is not None:
-            said = [line for line in log.text().splitlines() if "error" in line.lower() or "failed" in line.lower()]
             raise LoraError(f"llama.cpp could not load {model}" + (f" with {lora}" if lora else "")
-                            + f": {error}" + (f" ({said[-1].strip()})" if said else ""))
+                            + f": {error}" + (f" ({said[-1]})" if said else ""))
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of `ids`: `(len(ids), vocab)` float32, from a fresh context."""
@@ -85,27 +91,47 @@ class LlamaCpp:
         self.close()
 
 
+def _retry_for_the_reason(llm, lora) -> None:
+    """Load the adapter file once more, outside llama-cpp-python's silencing of the model load, so
+    that llama.cpp's own error line reaches the log being captured."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    # llama-cpp-python 0.3.36 maps ggml's ERROR level (4) to DEBUG, so show every level meanwhile
+    level = _logger.logger.level
+    _logger.logger.setLevel(logging.DEBUG)
+    try:
+        adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(lora).encode("utf-8"))
+        if adapter:
+            llama_cpp.llama_adapter_lora_free(adapter)
+    finally:
+        _logger.logger.setLevel(level)
+
+
 class _Log:
-    def __init__(self, file):
-        self.file = file
+    def __init__(self, file, text: io.StringIO):
+        self.file, self.python = file, text
 
     def text(self) -> str:
         self.file.seek(0)
-        return self.file.read().decode("utf-8", errors="replace")
+        return self.file.read().decode("utf-8", errors="replace") + self.python.getvalue()
 
 
 @contextlib.contextmanager
 def _captured_stderr():
-    """Send the C-level stderr (llama.cpp's log lines) to a temporary file while loading; its text
-    stays readable for an error message. `LORAKIT_DEBUG=1` leaves stderr alone."""
+    """Collect llama.cpp's log lines while loading: the C-level stderr goes to a temporary file and
+    Python's `sys.stderr` (where llama-cpp-python prints llama.cpp's errors) to a buffer; their text
+    stays readable for an error message. `LORAKIT_DEBUG=1` leaves both alone."""
+    buffer = io.StringIO()
     with tempfile.TemporaryFile() as file:
         if os.environ.get("LORAKIT_DEBUG"):
-            yield _Log(file)
+            yield _Log(file, buffer)
             return
         saved = os.dup(2)
         try:
             os.dup2(file.fileno(), 2)
-            yield _Log(file)
+            with contextlib.redirect_stderr(buffer):
+                yield _Log(file, buffer)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
