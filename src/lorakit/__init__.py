@@ -31,6 +31,8 @@ from .mixed import mixed_batch
 from .scale import adapter_scale, set_scale
 from . import quant
 from .quant import quantize
+from .export import export_gguf_adapter, export_gguf_merged
+from .verify import VerifyReport, verify
 from .version import __version__
 
 __all__ = [
@@ -46,4 +48,5 @@ __all__ = [
     "LoraLayer", "LoraLinear", "LoraLinear4bit", "LoraEmbedding", "LoraConv", "ModulesToSave",
     "loraplus_param_groups", "convert_pissa_to_lora", "pissa_to_lora",
     "quantize", "quant",
+    "export_gguf_adapter", "export_gguf_merged", "verify", "VerifyReport",
 ]

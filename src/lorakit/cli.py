@@ -58,6 +58,8 @@ COMMANDS: dict[str, Command] = {}
 OPTIONAL_COMMANDS: dict[str, str] = {
     "analyze": "lorakit.analysis.cli",
     "experiment": "lorakit.experiments.cli",
+    "export": "lorakit.export.cli",
+    "verify": "lorakit.verify.cli",
 }
 
 

@@ -69,7 +69,7 @@ class LoraConfig:
             (or `alpha / sqrt(r)` with `use_rslora`). Number > 0.
         dropout: dropout probability on the LoRA branch's input, in [0, 1). The fast path (one
             plain adapter on a Linear) draws its mask at a resolution of 2^-16 (the probability
-            applied is within 7.7e-6 of `dropout`; see `lorakit.layers.fused.dropout_keep_mask`).
+            applied is within 7.7e-6 of `dropout`; see `lorakit.ops.fused.dropout_keep_mask`).
         target_modules: which modules to adapt. A list of names, each matched as a
             whole dotted suffix of the module path (`"q_proj"` matches
             `model.layers.0.self_attn.q_proj`); a regex string matched against the

@@ -9,7 +9,9 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -165,3 +167,29 @@ def remove_stale_versions(folder: str | Path) -> None:
     for entry in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
         if entry.is_dir():
             _remove_tree(entry)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder; on a clean exit, fsync it and rename it to `path`.
+
+    For writers that need a file name rather than bytes (a GGUF file of hundreds of MB): a reader
+    sees the old file or the complete new one, never a torn one. On an exception the temporary
+    file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _new_file_mode(path))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
