@@ -29,6 +29,7 @@ from ..io import load_adapter, save_adapter
 from ..merge import count_parameters, merge_and_unload
 from ..quant import merge_quantized
 from ..quant.qera import fold_corrections
+from ..verify import static_checks
 from ..version import __version__
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -377,6 +378,10 @@ def _evaluate_after(run: Run) -> None:
 def _save(run: Run) -> None:
     """The adapter (one adapter: a QLoRA correction is folded in, exactly) and what reproduces the run."""
     prep = run.prep
+    run.checks["verify"] = checks = static_checks(run.model, "default")  # before a QLoRA correction is folded in
+    if checks["no_op"]:
+        run.log("warning: the trained adapter is a no-op (every B is zero or every update negligible); "
+                "check the learning rate and the target modules")
     if prep.qera is not None:  # one adapter = trained + correction, exact: it loads on a plain NF4 base
         fold_corrections(run.model)
     save_adapter(run.model, run.adapter_dir)
@@ -453,6 +458,7 @@ def _report(run: Run) -> dict[str, Any]:
         },
         "adapter": {"path": str(run.adapter_dir),
                     "bytes": sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())},
+        "verify": c["verify"],
         "base_weights": prep.base_weights, "quantization": prep.quantization, "timings": run.timings,
         "environment": prep.environment(),
     }

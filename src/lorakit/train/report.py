@@ -52,6 +52,22 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _coverage_lines(v: dict | None) -> list[str]:
+    """The adapter's coverage and size of update (`lorakit.verify.static_checks`), as report lines."""
+    if not v:
+        return []
+    shares = ", ".join(f"{k} {100 * c['share']:.0f}%" for k, c in v["coverage"].items() if k != "all")
+    lines = [f"- coverage of the linear parameters by kind: {shares} (`lorakit verify` for the full check)"]
+    if v.get("rel_norm"):
+        n = v["rel_norm"]
+        lines.append(f"- update size ||W - W0|| / ||W0|| per module: median {n['median']:.3g} "
+                     f"(min {n['min']:.3g}, max {n['max']:.3g})")
+    if v["no_op"] or v["zero_b"]:
+        lines.append(f"- **warning**: {'a no-op adapter' if v['no_op'] else str(len(v['zero_b'])) + ' modules'} "
+                     "with B still zero")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of `report`."""
     r = report
@@ -95,7 +111,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{c.get('merged_compared', 'test predictions')} identical: {c['merged_predictions_equal']} "
               f"({c['merged_prediction_differences']} differ)",
               f"- saved adapter reloaded into a fresh base model: max |logit diff| = "
-              f"{c['reload_max_abs_diff']:.3g}", ""]
+              f"{c['reload_max_abs_diff']:.3g}"]
+    lines += _coverage_lines(r.get("verify")) + [""]
     t = r["training"]
     lines += ["## Training", "",
               f"- {t['steps']} steps x {rec['batch_size']} examples x {rec['grad_accum']} accumulation, max "
