@@ -29,9 +29,11 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import torch
 
@@ -202,12 +204,33 @@ def sweep(lengths=(256, 512, 1024, 2048, 4096), device: str = "cpu", log=None) -
     return out
 
 
+def paired(configs: Sequence[str], length: int, batch: int, rounds: int = 3, device: str = "cpu") -> dict:
+    """Step times of `configs` in one process, interleaved for `rounds` rounds (A B C A B C ...):
+    median per-round ratios to the first configuration, robust to the machine's load drifting
+    between the fresh processes of `run`. Memory is not measured here."""
+    built = {c: build(c, device) for c in configs}
+    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c, (model, opt, loss_fn) in built.items():
+            t0 = time.perf_counter()
+            loss_fn(model, ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[c].append(time.perf_counter() - t0)
+    ref = configs[0]
+    return {"length": length, "batch": batch, "rounds": rounds, "seconds": {c: [round(t, 2) for t in v] for c, v in times.items()},
+            f"time/{ref}": {c: round(statistics.median(a / b for a, b in zip(v, times[ref])), 3) for c, v in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sweep", action="store_true", help="checkpointing on/off vs length, batch 1")
+    parser.add_argument("--paired", metavar="CONFIGS", help="time ratios in one process, interleaved, e.g. lorakit_nogc,lorakit")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one", nargs=3, metavar=("CONFIG", "LENGTH", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -216,7 +239,11 @@ def main() -> None:
     lengths = tuple(int(x) for x in args.lengths.split(","))
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     result = {"machine": machine()}
-    if args.sweep:
+    if args.paired:
+        for length in lengths:
+            result[f"paired_{length}"] = paired(args.paired.split(","), length, BATCH.get(length, 1), args.rounds, args.device)
+            log(json.dumps(result[f"paired_{length}"]))
+    elif args.sweep:
         result["sweep"] = sweep(device=args.device, log=log) if args.lengths == "512,2048" else sweep(lengths, args.device, log)
     else:
         result.update(run(lengths, args.configs.split(","), args.device, log))

@@ -57,10 +57,11 @@ def test_pack_puts_every_example_once_into_rows_that_fit():
 
 def test_padding_fraction_and_report():
     assert padding_fraction([[2, 4], [3]]) == pytest.approx(1 - 9 / 11)
-    report = padding_report([5, 3, 3, 2, 7], max_length=10, batch_size=2)
-    # before: batches [5, 3] -> 10 slots, [3, 2] -> 6, [7] -> 7: 20 tokens in 23; after: rows of 10 and 10
-    assert report["padding_before"] == pytest.approx(round(1 - 20 / 23, 4))
+    report = padding_report([5, 3, 3, 2, 7], max_length=10, batch_size=5)
+    # before: one batch of 5 padded to 7 -> 20 tokens in 35; after: two full rows of 10
+    assert report["padding_before"] == pytest.approx(round(1 - 20 / 35, 4))
     assert report["padding_after"] == 0.0 and report["rows"] == 2 and report["row_fill"] == 1.0
+    assert report["batches_before"] == 1 and report["batches_after"] == 1
 
 
 def test_block_causal_mask():

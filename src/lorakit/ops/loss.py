@@ -66,6 +66,15 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def _softmax_nll(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(softmax(z), logsumexp(z) - z[target])` for logits `z: (C, V)`, the softmax written into `z`
+    (one `(C, V)` buffer; `torch.logsumexp` would allocate another)."""
+    target = z.gather(1, t[:, None])[:, 0]
+    m = z.amax(dim=1)
+    total = z.sub_(m[:, None]).exp_().sum(dim=1)
+    return z.div_(total[:, None]), total.log() + m - target
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """`scale * sum_i w_i * nll_i` over the rows of `hidden: (N, H)`, every target valid.
 
@@ -88,12 +97,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, t = hidden[s:s + chunk].to(cd), targets[s:s + chunk]
                 wt = token_weights[s:s + chunk] if token_weights is not None else None
                 z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
-                z = _upcast(z)
-                lse = torch.logsumexp(z, dim=1)
-                nll = lse - z.gather(1, t[:, None])[:, 0]
+                p, nll = _softmax_nll(_upcast(z), t)
                 total += (nll * wt).sum() if wt is not None else nll.sum()
                 if need_h or need_w or need_b:
-                    _LinearCrossEntropy.chunk_grads(ctx.grads, z.sub_(lse[:, None]).exp_(), t, wt, scale, h, w, s)
+                    _LinearCrossEntropy.chunk_grads(ctx.grads, p, t, wt, scale, h, w, s)
         return (total * scale).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
     @staticmethod

@@ -26,6 +26,7 @@ docs/long-context.md); packing puts several examples in one row instead:
 from __future__ import annotations
 
 import bisect
+import random
 from typing import Sequence
 
 import torch
@@ -77,15 +78,20 @@ def padding_fraction(batches: Sequence[Sequence[int]]) -> float:
     return 1.0 - sum(sum(b) for b in batches) / total if total else 0.0
 
 
-def padding_report(lengths: Sequence[int], max_length: int, batch_size: int) -> dict:
-    """Padding before (batches of `batch_size` examples in the given order) and after packing
-    (batches of `batch_size` packed rows), and the rows' count and fill."""
+def padding_report(lengths: Sequence[int], max_length: int, batch_size: int, seed: int = 0) -> dict:
+    """Padding before packing (batches of `batch_size` examples) and after (batches of `batch_size`
+    packed rows), both in a `random.Random(seed)` shuffled order as a training stream takes them,
+    each batch padded to its longest; plus the rows' count and fill (tokens / (rows x max_length))."""
     rows = pack(lengths, max_length)
     row_lengths = [sum(lengths[i] for i in r) for r in rows]
+    rng = random.Random(seed)
+    before, after = list(lengths), list(row_lengths)
+    rng.shuffle(before)
+    rng.shuffle(after)
     chunks = lambda xs: [xs[i:i + batch_size] for i in range(0, len(xs), batch_size)]  # noqa: E731
     return {"examples": len(lengths), "tokens": int(sum(lengths)), "rows": len(rows),
-            "padding_before": round(padding_fraction(chunks(list(lengths))), 4),
-            "padding_after": round(padding_fraction(chunks(row_lengths)), 4),
+            "padding_before": round(padding_fraction(chunks(before)), 4),
+            "padding_after": round(padding_fraction(chunks(after)), 4),
             "row_fill": round(sum(row_lengths) / (len(rows) * max_length), 4),
             "batches_before": -(-len(lengths) // batch_size), "batches_after": -(-len(rows) // batch_size)}
 
