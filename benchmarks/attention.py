@@ -102,6 +102,9 @@ def probe(attn: str, kind: str, length: int = 256) -> dict:
 
 
 def one(attn: str, kind: str, length: int, batch: int) -> dict:
+    from lorakit.train.memory import release_large_frees
+
+    release_large_frees()  # freed tensors leave the resident set: the peak is what the step holds
     info = probe(attn, kind)
     model, data = build(attn), inputs(kind, batch, length)
     _step(model, inputs(kind, 1, 64))  # warm-up

@@ -9,7 +9,12 @@ projections, sdpa attention, labels = inputs, no padding):
 - `lorakit_nogc`: `inject` + the chunked loss (`lorakit.ops.loss.causal_lm_loss`), no checkpointing;
 - `lorakit`: `inject` + per-layer checkpointing (`lorakit.train.memory.enable_checkpointing`) +
   the chunked loss;
-- `lorakit_keepattn`: the same with selective checkpointing that keeps the attention outputs.
+- `lorakit_keepattn`: the same with selective checkpointing that keeps the attention outputs;
+- `peft_gc_mmap`: `peft_gc` with the allocator setting the lorakit configurations use.
+
+Every `lorakit*` configuration starts with `lorakit.train.memory.release_large_frees()` (glibc
+serves tensors >= 1 MiB with mmap, so freed activations leave the resident set; the training
+job would do the same); `peft` and `peft_gc` run with glibc's defaults, as a PEFT user's do.
 
 One step = forward + backward + AdamW. Peak = the process's `VmHWM` minus its RSS just before the
 step (the high-water mark is reset there through `/proc/self/clear_refs` where the kernel allows);
@@ -39,12 +44,12 @@ import torch
 
 from .common import ALL_LINEAR, SMOLLM2_135M, machine
 
-CONFIGS = ("peft", "peft_gc", "lorakit_plain", "lorakit_nogc", "lorakit", "lorakit_keepattn")
+CONFIGS = ("peft", "peft_gc", "peft_gc_mmap", "lorakit_plain", "lorakit_nogc", "lorakit", "lorakit_keepattn")
 BATCH = {512: 2, 2048: 2, 8192: 1}
 R = 16
 # rough peak per token (MB, float32, measured on the CPU at 2 x 2048) to skip what cannot fit
-MB_PER_TOKEN = {"peft": 3.0, "peft_gc": 1.6, "lorakit_plain": 2.5, "lorakit_nogc": 1.7, "lorakit": 0.25,
-                "lorakit_keepattn": 0.35}
+MB_PER_TOKEN = {"peft": 3.0, "peft_gc": 1.6, "peft_gc_mmap": 1.6, "lorakit_plain": 2.5, "lorakit_nogc": 1.8,
+                "lorakit": 0.5, "lorakit_keepattn": 0.5}
 BASE_MB = 1500  # weights, optimizer state, allocator slack
 
 
@@ -69,12 +74,16 @@ def build(config: str, device: str):
     """`(model, optimizer, loss_fn)` for `config` on the SmolLM2-135M architecture."""
     from .common import build_model
 
+    if config.startswith("lorakit") or config.endswith("_mmap"):
+        from lorakit.train.memory import release_large_frees
+
+        release_large_frees()
     model = build_model(dict(SMOLLM2_135M, max_position_embeddings=8192), device=device)
     model.train()
     if config.startswith("peft"):
         import peft
 
-        if config == "peft_gc":
+        if config.startswith("peft_gc"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=ALL_LINEAR))
     else:
@@ -85,7 +94,7 @@ def build(config: str, device: str):
         if config in ("lorakit", "lorakit_keepattn"):
             enable_checkpointing(model, keep_attention=config == "lorakit_keepattn")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if config in ("peft", "peft_gc", "lorakit_plain"):
+    if config.startswith("peft") or config == "lorakit_plain":
         return model, opt, lambda m, ids: m(input_ids=ids, labels=ids).loss
     from lorakit.ops.loss import causal_lm_loss
 

@@ -10,6 +10,9 @@ DoRA, an NF4 base, a plain `nn.Module` stack, the chunked loss, and 2-process DD
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +206,31 @@ def test_ddp_two_processes(tmp_path):
     _assert_bitwise(checked0, plain0)
     _assert_bitwise(checked1, plain1)
     _assert_bitwise(plain0, plain1)  # all-reduced: both ranks hold the same averaged gradients
+
+
+_MMAPPED = """
+import ctypes, sys, torch
+from lorakit.train.memory import release_large_frees
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+x = torch.ones(8_000_000)
+del x  # one large free: glibc raises its dynamic mmap threshold to ~32 MB
+if sys.argv[1] == "1":
+    assert release_large_frees()
+before = libc.mallinfo2().hblkhd
+y = torch.ones(1_000_000)  # 4 MB, activation-sized
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_release_large_frees_maps_activation_sized_tensors():
+    """With the fixed threshold a 4 MB tensor is mmapped (its free returns it to the OS); with
+    glibc's default, after one large free, it comes from the heap (bytes in mmapped blocks, mallinfo2)."""
+    run = lambda flag: int(subprocess.run([sys.executable, "-c", _MMAPPED, flag], capture_output=True, text=True,
+                                          check=True).stdout.split()[-1])  # noqa: E731
+    assert run("0") == 0
+    assert run("1") >= 4_000_000
