@@ -280,3 +280,17 @@ def test_a_head_with_a_hook_goes_through_the_module():
     assert abs(float(out - ref)) <= 1e-12 * abs(float(ref))
     for a, r in zip(_grads(out, (h,)), _grads(ref, (h,))):
         assert float((a - r).abs().max()) <= 1e-12 * float(r.abs().max())
+
+
+def test_gpt2_with_its_tied_head():
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).double().train()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    randomize_lora(model)
+    ids, mask, labels = _batch()
+    ref = _plain_model_loss(model, ids, mask, labels)
+    out = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=6)
+    assert abs(float(out - ref)) <= 1e-12 * abs(float(ref))
+    for a, r in zip(_grads(out, _trainable(model)), _grads(ref, _trainable(model))):
+        assert float((a - r).abs().max()) <= 1e-12 * float(r.abs().max())
