@@ -74,7 +74,7 @@ def build(config: str, device: str):
     """`(model, optimizer, loss_fn)` for `config` on the SmolLM2-135M architecture."""
     from .common import build_model
 
-    if config.startswith("lorakit") or config.endswith("_mmap"):
+    if _uses_mmap(config):
         from lorakit.train.memory import release_large_frees
 
         release_large_frees()
@@ -198,10 +198,11 @@ def run(lengths=(512, 2048), configs=CONFIGS, device: str = "cpu", log=None) -> 
 
 
 def sweep(lengths=(256, 512, 1024, 2048, 4096), device: str = "cpu", log=None) -> dict:
-    """Checkpointing on (`lorakit`) vs off (`lorakit_nogc`) at batch 1: where `auto` should switch."""
+    """Checkpointing on (`lorakit`) vs off (`lorakit_nogc`) at batch 1: where `auto` should switch
+    (peak memory; for time ratios use `paired`, fresh processes drift with the machine's load)."""
     out = {}
     for length in lengths:
-        rows = {c: _fresh(c, length, 1, device) for c in ("lorakit_nogc", "lorakit", "lorakit_keepattn")}
+        rows = {c: _fresh(c, length, 1, device) for c in ("lorakit_nogc", "lorakit")}
         if log:
             log(json.dumps(rows))
         off = rows["lorakit_nogc"]
@@ -213,22 +214,35 @@ def sweep(lengths=(256, 512, 1024, 2048, 4096), device: str = "cpu", log=None) -
     return out
 
 
+def _uses_mmap(config: str) -> bool:
+    return config.startswith("lorakit") or config.endswith("_mmap")
+
+
 def paired(configs: Sequence[str], length: int, batch: int, rounds: int = 3, device: str = "cpu") -> dict:
     """Step times of `configs` in one process, interleaved for `rounds` rounds (A B C A B C ...):
     median per-round ratios to the first configuration, robust to the machine's load drifting
-    between the fresh processes of `run`. Memory is not measured here."""
+    between the fresh processes of `run`. Memory is not measured here. The allocator setting is
+    switched per configuration (glibc's threshold 1 MiB for lorakit's, 32 MiB -- where glibc's
+    dynamic threshold ends up -- for PEFT's)."""
+    from lorakit.train.memory import release_large_frees
+
     built = {c: build(c, device) for c in configs}
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
     times: dict[str, list[float]] = {c: [] for c in configs}
-    for _ in range(rounds):
+    for r in range(rounds + 1):  # round 0 warms up on 32 tokens
         for c, (model, opt, loss_fn) in built.items():
+            release_large_frees(1 << 20 if _uses_mmap(c) else 32 << 20)
             t0 = time.perf_counter()
-            loss_fn(model, ids).backward()
+            loss_fn(model, ids if r else ids[:1, :32]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times[c].append(time.perf_counter() - t0)
+            if r:
+                times[c].append(time.perf_counter() - t0)
+                print(json.dumps({"round": r, "config": c, "step_s": round(times[c][-1], 2),
+                                  "load": round(os.getloadavg()[0], 2)}), file=sys.stderr, flush=True)
     ref = configs[0]
-    return {"length": length, "batch": batch, "rounds": rounds, "seconds": {c: [round(t, 2) for t in v] for c, v in times.items()},
+    return {"length": length, "batch": batch, "rounds": rounds, "load_end": round(os.getloadavg()[0], 2),
+            "seconds": {c: [round(t, 2) for t in v] for c, v in times.items()},
             f"time/{ref}": {c: round(statistics.median(a / b for a, b in zip(v, times[ref])), 3) for c, v in times.items()}}
 
 

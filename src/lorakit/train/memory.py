@@ -134,11 +134,12 @@ def disable_checkpointing(model: nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.pop(_MARK, False):
             del module.forward
-    if getattr(model, "supports_gradient_checkpointing", False) and getattr(model, "is_gradient_checkpointing", False):
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:  # transformers 4
+        model.gradient_checkpointing_disable()
 
 
 def checkpointing_enabled(model: nn.Module) -> bool:
