@@ -45,6 +45,7 @@ import torch
 from .common import ALL_LINEAR, SMOLLM2_135M, machine
 
 CONFIGS = ("peft", "peft_gc", "peft_gc_mmap", "lorakit_plain", "lorakit_nogc", "lorakit", "lorakit_keepattn")
+DEFAULT_CONFIGS = ("peft", "peft_gc", "lorakit_plain", "lorakit_nogc", "lorakit")  # what issue 16's targets compare
 BATCH = {512: 2, 2048: 2, 8192: 1}
 R = 16
 # rough peak per token (MB, float32, measured on the CPU at 2 x 2048) to skip what cannot fit
@@ -181,7 +182,7 @@ def _ratios(rows: dict, ref: str = "peft_gc") -> None:
             row["time/peft_gc"] = round(row["step_s"] / base["step_s"], 3)
 
 
-def run(lengths=(512, 2048), configs=CONFIGS, device: str = "cpu", log=None) -> dict:
+def run(lengths=(512, 2048), configs=DEFAULT_CONFIGS, device: str = "cpu", log=None) -> dict:
     """Every configuration at every length, each in a fresh process; ratios to `peft_gc`."""
     results: dict = {"device": device, "r": R, "configs": list(configs)}
     for length in lengths:
@@ -249,7 +250,7 @@ def paired(configs: Sequence[str], length: int, batch: int, rounds: int = 3, dev
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,2048")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sweep", action="store_true", help="checkpointing on/off vs length, batch 1")
     parser.add_argument("--paired", metavar="CONFIGS", help="time ratios in one process, interleaved, e.g. lorakit_nogc,lorakit")
