@@ -7,16 +7,18 @@ import json
 import time
 from pathlib import Path
 
-from . import inference, inject_meta, mixed, train_step
+from . import inference, inject_meta, longctx, mixed, train_step
 from .common import machine
 
-SUITES = {"train": train_step.run, "inference": inference.run, "inject": inject_meta.run, "mixed": mixed.run}
+SUITES = {"train": train_step.run, "inference": inference.run, "inject": inject_meta.run, "mixed": mixed.run,
+          "longctx": longctx.run}
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = (
     "| date | cores / threads | torch | load avg (start) | train step / floor (p=0, p=0.05) | PEFT same | "
     "peak mem / full FT (p=0, p=0.05) | PEFT same | prefill / base | decode / base | PEFT prefill, decode | "
-    "merged prefill, decode / base | inject 70B lorakit / PEFT | mixed decode / base (8, 64 adapters) | PEFT same |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "merged prefill, decode / base | inject 70B lorakit / PEFT | mixed decode / base (8, 64 adapters) | PEFT same | "
+    "long context 2 x 2048: lorakit peak, time / PEFT + GC |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -42,6 +44,7 @@ def summary_row(m: dict, r: dict) -> str:
         str(_get(j, "llama2_70b", "lorakit/peft")),
         f'{_get(x, "8_adapters", "decode", "lorakit/base")}, {_get(x, "64_adapters", "decode", "lorakit/base")}',
         f'{_get(x, "8_adapters", "decode", "peft/base")}, {_get(x, "64_adapters", "decode", "peft/base")}',
+        f'{_get(r.get("longctx", {}), "2048", "lorakit", "peak/peft_gc")}, {_get(r.get("longctx", {}), "2048", "lorakit", "time/peft_gc")}',
     ]
     return "| " + " | ".join(cells) + " |\n"
 
