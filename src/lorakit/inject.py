@@ -253,6 +253,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     for path, module in p.targets:
         layer = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
         if layer is not module:
+            layer.train(module.training)  # a new module starts in training mode: take the replaced module's
             replace_module(inner, path, layer)
         layer.add_adapter(
             adapter,
@@ -269,6 +270,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         if wrapper is not module:
+            wrapper.train(module.training)
             replace_module(inner, path, wrapper)
         wrapper.add_adapter(adapter)
 
