@@ -40,6 +40,7 @@ from .errors import CheckpointError, RecipeError, TrainingDiverged
 from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
 from .memory import enable_checkpointing, release_large_frees, want_checkpointing
+from .outdir import OutputLock, check_writable
 from .prepare import Prepared, load_data, stderr_log
 from .recipe import Recipe
 from .report import write_json, write_report
@@ -136,9 +137,14 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
         device = (run.dist.device, device[1])
         run.log = _rank_log(log, run.dist)
     threads = dist_mod.threads_per_process(recipe.threads, world.local_world_size) if world else None
+    lock = OutputLock(run.out, log) if world is None or world.rank == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         return _stages(run, threads, device)
     finally:
+        if lock is not None:
+            lock.release()
         if run.dist is not None:
             run.dist.close()
 
@@ -167,6 +173,7 @@ def _checks(recipe: Recipe, resume, world_size: int, overwrite: bool = False):
     out = recipe.out_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output path {out} exists and is not a folder")
+    check_writable(out)  # before anything loads: an unwritable --out must not cost a whole run
     previous = [n for n in RUN_FILES if (out / n).exists()] if resume is None and not overwrite else []
     if previous:
         raise RecipeError(f"output folder {out} holds a previous run ({', '.join(previous)}); pass --overwrite to "

@@ -13,6 +13,7 @@ from ..merge import merge_and_unload
 from . import data as data_mod
 from .errors import RecipeError
 from .models import quiet_transformers
+from .outdir import check_writable
 from .prepare import Prepared, stderr_log
 from .recipe import Recipe, apply
 
@@ -93,6 +94,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: Recipe | None =
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LoraError(f"output folder {out} exists and is not empty")
+    check_writable(out)  # before the model loads
     recipe, _ = recipe_for_adapter(adapter, base, overrides or {})
     prep = Prepared(recipe, log)
     load_adapter(prep.model, adapter, trainable=False)

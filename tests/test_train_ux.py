@@ -1,0 +1,137 @@
+"""`lorakit train` as users live it (issue 19): an unwritable --out fails before the work, one run per
+output folder, the same file modes everywhere, runs that travel (absolute data paths, merge without
+data, PEFT finds the base offline), CSV files as people write them, Ctrl-C keeps the steps, honest
+reports. On the tiny model of `tiny_run` (a run takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from tiny_run import flags, make_tiny, recipe_fields
+
+from lorakit import cli
+from lorakit.train import load_recipe, run_train
+from lorakit.train.outdir import LOCK_NAME, OutputLock
+
+QUIET = lambda message: None  # noqa: E731
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished 4-step run, its output folder and its report."""
+    out = tmp_path_factory.mktemp("runs") / "done"
+    report = run_train(load_recipe(None, recipe_fields(*tiny, steps=4, out=str(out))), log=QUIET)
+    return out, report
+
+
+def _train_argv(tiny, out, **changes) -> list[str]:
+    return ["train", *flags(recipe_fields(*tiny, **{"steps": 2, **changes}, out=str(out)))]
+
+
+def _one_error_line(capsys, command="train") -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[lorakit]")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lorakit {command}: error: "), lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------- item 1: --out checked first
+def _read_only_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_train_into_a_file_path_fails_before_the_model_loads(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = cli.main(_train_argv(tiny, blocker / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and "evaluating the base model" not in err and "loaded" not in err, err
+    line = [x for x in err.splitlines() if x.startswith("lorakit train: error:")]
+    assert line == [f"lorakit train: error: output folder {blocker / 'run'} cannot be created: {blocker} is a file, "
+                    "not a folder"], err
+
+
+def test_train_into_a_read_only_folder_is_one_line_and_exit_2_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    ro = _read_only_folder(tmp_path)
+    if ROOT:  # root ignores the mode: the kernel's answer to anyone else, for folders under `ro`
+        real = tempfile.mkdtemp
+
+        def mkdtemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).absolute() == ro:
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    code = cli.main(_train_argv(tiny, ro / "run"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines() == [f"lorakit train: error: output folder {ro / 'run'} cannot be created (in {ro}): "
+                                        "Permission denied; choose another --out"], err
+    assert list(ro.iterdir()) == []
+
+
+def test_merge_into_an_unwritable_out_fails_before_loading(finished, tmp_path, capsys):
+    out, _ = finished
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = cli.main(["merge", "--adapter", str(out / "adapter"), "--out", str(blocker / "merged")])
+    assert code == 2
+    line = _one_error_line(capsys, "merge")
+    assert line == f"lorakit merge: error: output folder {blocker / 'merged'} cannot be created: {blocker} is a file, " \
+                   "not a folder"
+
+
+# ---------------------------------------------------------------------- item 7: one run per output folder
+def test_a_second_run_into_a_locked_folder_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "busy"
+    with OutputLock(out):
+        code = cli.main(_train_argv(tiny, out))
+        line = _one_error_line(capsys)
+        assert code == 2
+        assert line.startswith(f"lorakit train: error: output folder {out} is in use by another lorakit run (process "
+                               f"{os.getpid()} on "), line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the refused run wrote nothing
+    assert not out.exists()  # the lock's folder, created for it and still empty, is gone
+
+
+def test_a_stale_lock_of_a_dead_process_is_cleared(tiny, tmp_path):
+    out = tmp_path / "stale"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "since": 0}))
+    logged = []
+    report = run_train(load_recipe(None, recipe_fields(*tiny, steps=2, save_every=0, out=str(out))), log=logged.append)
+    assert report["training"]["history"][-1]["step"] == 2
+    assert f"cleared a stale lock on {out} left by process {dead.pid} (it is gone)" in logged
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_the_lock_is_held_while_the_run_writes(tiny, tmp_path):
+    out = tmp_path / "held"
+    seen = []
+
+    def log(message):
+        if message.startswith("after:"):  # mid-run: a second lock must be refused
+            try:
+                OutputLock(out).acquire()
+                seen.append("acquired")
+            except Exception as exc:  # noqa: BLE001
+                seen.append(str(exc))
+    run_train(load_recipe(None, recipe_fields(*tiny, steps=2, save_every=0, out=str(out))), log=log)
+    assert len(seen) == 1 and "is in use by another lorakit run" in seen[0], seen
