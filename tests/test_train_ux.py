@@ -135,3 +135,34 @@ def test_the_lock_is_held_while_the_run_writes(tiny, tmp_path):
                 seen.append(str(exc))
     run_train(load_recipe(None, recipe_fields(*tiny, steps=2, save_every=0, out=str(out))), log=log)
     assert len(seen) == 1 and "is in use by another lorakit run" in seen[0], seen
+
+
+# ---------------------------------------------------------------------- item 9: one file mode rule
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+
+
+def test_every_file_of_train_and_merge_gets_the_same_mode(finished, tmp_path):
+    out, _ = finished
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    files = {**_modes(out), **{"merged/" + k: v for k, v in _modes(merged).items()}}
+    assert "merged/model.safetensors" in files and "adapter/adapter_model.safetensors" in files
+    wrong = {k: oct(v) for k, v in files.items()
+             if v != (0o777 & ~umask if (out / k).is_dir() or (tmp_path / k).is_dir() else 0o666 & ~umask)}
+    assert wrong == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary folder left beside it
+
+
+def test_a_merge_that_fails_while_saving_leaves_no_half_folder(finished, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    out, _ = finished
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", "tokenizer.json")
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", broken)
+    assert cli.main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 2
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AdapterLoadError, LoraError
+from ..fileio import atomic_output_folder
 from ..io import load_adapter, read_adapter
 from ..merge import merge_and_unload
 from . import data as data_mod
@@ -102,9 +103,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: Recipe | None =
     before = prep.task.probe(prep.model, probe_ex, prep.device, prep.dtype)
     merged = merge_and_unload(prep.model)  # a 4-bit base comes back dense, no longer claiming quantization
     after = prep.task.probe(merged, probe_ex, prep.device, prep.dtype)
-    with quiet_transformers():
-        merged.save_pretrained(out)
-        prep.tokenizer.save_pretrained(out)
+    with quiet_transformers(), atomic_output_folder(out) as tmp:  # complete or absent; every file 0666 - umask
+        merged.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
     diff = float((before - after).abs().max()) if before.numel() else 0.0
     log(f"merged model written to {out}; logits max |diff| merged vs unmerged: {diff:.3g}")
     return {"out": str(out), "max_abs_diff": diff}
