@@ -5,6 +5,7 @@ reports. On the tiny model of `tiny_run` (a run takes seconds)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -166,3 +167,61 @@ def test_a_merge_that_fails_while_saving_leaves_no_half_folder(finished, tmp_pat
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", broken)
     assert cli.main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- item 2: a run that travels
+def test_merge_and_eval_work_from_another_folder_and_merge_needs_no_data(tiny, tmp_path, monkeypatch, capsys):
+    model_dir, data = tiny
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    (home / "reviews.jsonl").write_bytes(data.read_bytes())
+    monkeypatch.chdir(home)  # relative paths, as a user types them
+    fields = recipe_fields(model_dir, Path("reviews.jsonl"), steps=3, save_every=0, out="run")
+    assert cli.main(["train", *flags(fields)]) == 0
+    info = json.loads((home / "run" / "adapter" / "lorakit_train.json").read_text())
+    assert info["recipe"]["data"] == str(home / "reviews.jsonl")
+    assert info["data"]["sha256"] == hashlib.sha256(
+        f"reviews.jsonl\0{hashlib.sha256(data.read_bytes()).hexdigest()}\n".encode()).hexdigest()
+    report = json.loads((home / "run" / "report.json").read_text())
+    assert report["adapter"]["path"] == str(home / "run" / "adapter")
+    assert f"lorakit eval --adapter {home / 'run' / 'adapter'}" in (home / "run" / "report.md").read_text()
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(home / "run" / "adapter")]) == 0
+    assert f"reproduced the recorded accuracy {report['test']['after']['accuracy']:.4f}" in capsys.readouterr().out
+    (home / "reviews.jsonl").rename(home / "moved.jsonl")  # merging needs only the adapter and the base
+    assert cli.main(["merge", "--adapter", str(home / "run" / "adapter"), "--out", "merged"]) == 0
+    assert (elsewhere / "merged" / "model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "merged model written to merged; logits max |diff| merged vs unmerged: " in err
+
+
+def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys):
+    out, _ = finished
+    original = tiny[1].read_text()
+    tiny[1].write_text(original.replace("great", "grand", 1))
+    try:
+        cli.main(["eval", "--adapter", str(out / "adapter")])
+    finally:
+        tiny[1].write_text(original)
+    assert f"warning: data {tiny[1]} changed since the run was trained (sha256 " in capsys.readouterr().err
+
+
+def test_a_classification_head_run_merges_without_its_data(tiny, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(tiny[1].read_bytes())
+    out = tmp_path / "head"
+    run_train(load_recipe(None, recipe_fields(tiny[0], data, task="classify-head", steps=3, save_every=0, out=str(out),
+                                              lora={"target_modules": ["q_proj", "v_proj"],
+                                                    "modules_to_save": ["score"]})), log=QUIET)
+    data.unlink()
+    assert cli.main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    diff = float(capsys.readouterr().err.rsplit("merged vs unmerged: ", 1)[1].split()[0])
+    assert diff < 1e-5
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    assert not any("lora" in k for k in merged.state_dict())

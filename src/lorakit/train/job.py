@@ -434,7 +434,7 @@ def _save(run: Run) -> None:
     if prep.qera is not None:  # one adapter = trained + correction, exact: it loads on a plain NF4 base
         fold_corrections(run.model)
     save_adapter(run.model, run.adapter_dir)
-    info = {"lorakit_version": __version__, "recipe": run.recipe.to_dict(), "model": prep.model_info(),
+    info = {"lorakit_version": __version__, "recipe": prep.saved_recipe(), "model": prep.model_info(),
             "data": prep.split_info(), "task": prep.task.describe(), "test_metrics": run.checks["after"],
             "environment": {"device": str(prep.device), "precision": "bf16" if prep.dtype is not None else "fp32"}}
     write_json(run.adapter_dir / TRAIN_INFO, info)
@@ -485,7 +485,7 @@ def _report(run: Run) -> dict[str, Any]:
     run.timings["total_seconds"] = time.perf_counter() - run.t_start
     trainable, total = run.checks["counts"]
     report: dict[str, Any] = {
-        "recipe": recipe.to_dict(), "model": c["info"]["model"], "data": c["info"]["data"],
+        "recipe": c["info"]["recipe"], "model": c["info"]["model"], "data": c["info"]["data"],
         "task": prep.task.describe(),
         "metric_names": ["loss", "perplexity"] if recipe.task in LOSS_TASKS else ["accuracy", "loss"],
         "test": {"before": run.before, "after": c["after"], "merged": c["merged"]},
@@ -505,7 +505,7 @@ def _report(run: Run) -> dict[str, Any]:
             "reload_max_abs_diff": _max_diff(c["reload_logits"], c["unmerged_logits"]),
             "reload_identical": bool(torch.equal(c["reload_logits"], c["unmerged_logits"])),
         },
-        "adapter": {"path": str(run.adapter_dir),
+        "adapter": {"path": str(run.adapter_dir.resolve()),
                     "bytes": sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())},
         "verify": c["verify"],
         "memory": c["memory"],

@@ -54,6 +54,16 @@ def lora_config_for(recipe: Recipe, model_name: str) -> LoraConfig:
     )
 
 
+def quantize_base(model, recipe: Recipe, config: LoraConfig, dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """The frozen base as `recipe.quantize` wants it (no QERA correction: a saved adapter holds it);
+    the `bits_per_param` figures, or None for `quantize: none`."""
+    if recipe.quantize == "none":
+        return None
+    quantize(model, recipe.quantize, double_quant=True, compute_dtype=dtype or torch.float32,
+             exclude_modules=config.modules_to_save or None)
+    return bits_per_param(model).as_dict()
+
+
 class Prepared:
     """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
 
@@ -143,9 +153,7 @@ class Prepared:
         compute_dtype = self.dtype or torch.float32
         exclude = self.config.modules_to_save or None  # trained in full: not quantized
         if not (correct and self.recipe.qera_rank):
-            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype,
-                     exclude_modules=exclude)
-            return bits_per_param(model).as_dict()
+            return quantize_base(model, self.recipe, self.config, self.dtype)
         t = time.perf_counter()
         examples = self.splits.train[:self.recipe.calibration_size]
         b = self.recipe.eval_batch_size
@@ -175,10 +183,18 @@ class Prepared:
 
     def split_info(self) -> dict[str, Any]:
         return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,
-                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples)}
+                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples),
+                "path": data_mod.absolute_spec(self.recipe.data), "sha256": data_mod.spec_sha256(self.recipe.data)}
+
+    def saved_recipe(self) -> dict[str, Any]:
+        """The recipe as saved with the run: data and model paths absolute, so `lorakit eval` and
+        `lorakit merge` work from any folder."""
+        builtin = self.source.name != str(self.source.path)  # a built-in name stays a name
+        model = self.recipe.model if builtin else str(self.source.path.resolve())
+        return {**self.recipe.to_dict(), "data": data_mod.absolute_spec(self.recipe.data), "model": model}
 
     def model_info(self) -> dict[str, Any]:
-        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path),
+        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path.resolve()),
                 "class": type(self.model).__name__, "parameters": count_all(self.model)}
         if self.source.gguf:
             info["gguf_sha256"] = sha256_file(self.source.path)
