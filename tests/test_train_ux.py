@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_run import flags, make_tiny, recipe_fields
 
 from lorakit import cli
@@ -225,3 +226,37 @@ def test_a_classification_head_run_merges_without_its_data(tiny, tmp_path, capsy
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert merged.config.id2label == {0: "negative", 1: "positive"}
     assert not any("lora" in k for k in merged.state_dict())
+
+
+# ---------------------------------------------------------------------- item 8: PEFT finds the base offline
+_PEFT_OFFLINE = """
+import json, sys, torch
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    print(json.dumps(model(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits.flatten().tolist()))
+"""
+
+
+def test_peft_auto_model_loads_the_adapter_offline_with_the_same_logits(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import lorakit as lk
+
+    monkeypatch.chdir(tiny[0].parent)  # the model named by a relative path, as users type it
+    out = tmp_path / "run"
+    report = run_train(load_recipe(None, recipe_fields(Path("model"), tiny[1], steps=2, save_every=0, out=str(out))),
+                       log=QUIET)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).is_absolute()
+    assert config["base_model_name_or_path"] == report["model"]["path"] == str(tiny[0].resolve())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", _PEFT_OFFLINE, str(out / "adapter")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peft_logits = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ours = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
+    lk.load_adapter(ours, out / "adapter")
+    with torch.no_grad():
+        mine = ours(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits.flatten()
+    assert float((peft_logits - mine).abs().max()) < 1e-5

@@ -19,7 +19,7 @@ from ..quant import base_weight_memory, bits_per_param, quantize
 from ..quant.qera import qera_quantize
 from ..version import __version__
 from . import data as data_mod
-from .models import count_all, load_model, resolve_device, resolve_model, set_threads, sha256_file
+from .models import count_all, load_model, model_folder, resolve_device, resolve_model, set_threads, sha256_file
 from .packing import pack, padding_report
 from .errors import RecipeError
 from .recipe import Recipe
@@ -85,6 +85,9 @@ class Prepared:
         t = time.perf_counter()
         self.model, self.tokenizer = self._load_model(data, log)
         self.load_seconds = time.perf_counter() - t
+        # the adapter names a folder PEFT and transformers open offline (a GGUF's cached conversion), not "smollm2"
+        self.base_path = model_folder(self.source).resolve()
+        self.config = self.config.replace(base_model_name_or_path=str(self.base_path))
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and recipe.max_length > limit:
             raise RecipeError(f"recipe field 'max_length' is {recipe.max_length}, beyond the model's {limit} positions")
