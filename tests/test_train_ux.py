@@ -38,8 +38,8 @@ def finished(tiny, tmp_path_factory):
     return out, report
 
 
-def _train_argv(tiny, out, **changes) -> list[str]:
-    return ["train", *flags(recipe_fields(*tiny, **{"steps": 2, **changes}, out=str(out)))]
+def _train_argv(tiny, out, data=None, **changes) -> list[str]:
+    return ["train", *flags(recipe_fields(tiny[0], data or tiny[1], **{"steps": 2, **changes}, out=str(out)))]
 
 
 def _one_error_line(capsys, command="train") -> str:
@@ -260,3 +260,46 @@ def test_peft_auto_model_loads_the_adapter_offline_with_the_same_logits(tiny, tm
     with torch.no_grad():
         mine = ours(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits.flatten()
     assert float((peft_logits - mine).abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------------- item 11: CSV files as people write them
+def _csv_of(tiny_data: Path, path: Path, sep: str, encoding: str) -> None:
+    rows = [json.loads(line) for line in tiny_data.read_text().splitlines()]
+    lines = [f"review{sep}stars"] + [f"{r['text']} café{sep}{r['label']}" for r in rows]
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+
+
+def test_a_latin1_csv_names_the_line_and_the_encoding_option(tiny, tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    _csv_of(tiny[1], data, ",", "latin-1")
+    code = cli.main(_train_argv(tiny, tmp_path / "run", data=str(data), text_field="review", label_field="stars"))
+    assert code == 2
+    assert _one_error_line(capsys) == (f"lorakit train: error: data file {data}, line 2: byte 0xe9 is not utf-8 text; "
+                                       "pass the file's encoding with --encoding (e.g. --encoding latin-1 or cp1252)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_semicolon_latin1_csv_trains_with_encoding(tiny, tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    _csv_of(tiny[1], data, ";", "latin-1")
+    out = tmp_path / "run"
+    code = cli.main(_train_argv(tiny, out, data=str(data), text_field="review", label_field="stars", encoding="latin-1",
+                                save_every=0))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["total"] == 200 and report["task"]["labels"] == ["negative", "positive"]
+    assert report["recipe"]["encoding"] == "latin-1"
+
+
+def test_a_csv_line_with_too_many_fields_is_named(tiny, tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\ngood movie,positive\ngood, fun movie,positive\nbad film,negative\n")
+    code = cli.main(_train_argv(tiny, tmp_path / "run", data=str(data)))
+    assert code == 2
+    assert _one_error_line(capsys) == (f"lorakit train: error: data file {data}, line 3: 3 fields where the header has "
+                                       "2 (delimiter ','); quote values that contain it")
+
+
+def test_an_unknown_encoding_is_refused(tiny, tmp_path, capsys):
+    assert cli.main(_train_argv(tiny, tmp_path / "run", encoding="klingon")) == 2
+    assert "recipe field 'encoding' is 'klingon', not a text encoding Python knows" in _one_error_line(capsys)

@@ -16,6 +16,7 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
                             "text: .txt/.jsonl files (comma-separated) or a folder of .txt files"),
     ("--text-field", "text_field", str, "classification text column (default: text)"),
     ("--label-field", "label_field", str, "classification label column: strings or integers (default: label)"),
+    ("--encoding", "encoding", str, "text encoding of a .csv/.jsonl data file (default utf-8; e.g. latin-1, cp1252)"),
     ("--prompt-field", "prompt_field", str, "instruction prompt column (default: prompt)"),
     ("--response-field", "response_field", str, "instruction response column (default: response)"),
     ("--prompt-template", "prompt_template", str, "classify-lm prompt with {text} (and {choices})"),

@@ -8,6 +8,7 @@ rebuild the same model, data split and scoring from the saved files alone.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -51,6 +52,7 @@ class Recipe:
             `.jsonl` / `.csv` file, or for `text` one or more `.txt` / `.jsonl` files (comma-separated,
             or a folder of `.txt` files; a `.jsonl` file's `text_field` holds the documents).
         text_field, label_field: columns of a classification file.
+        encoding: the text encoding of a .csv/.jsonl data file (default utf-8; e.g. latin-1, cp1252).
         prompt_field, response_field: columns of an instruction file.
         label_words: label value (as a string) -> answer word for `classify-lm`; default: the label itself.
         prompt_template: `classify-lm` prompt with `{text}` (and optionally `{choices}`); default
@@ -105,6 +107,7 @@ class Recipe:
     data: str = "rotten-tomatoes"
     text_field: str = "text"
     label_field: str = "label"
+    encoding: str = "utf-8"
     prompt_field: str = "prompt"
     response_field: str = "response"
     label_words: dict[str, str] | None = None
@@ -150,6 +153,11 @@ class Recipe:
             if not isinstance(value, str) or not value.strip():
                 raise RecipeError(f"recipe field {name!r} must be a non-empty string, got {value!r}")
         _choice("task", self.task, TASKS)
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise RecipeError(f"recipe field 'encoding' is {self.encoding!r}, not a text encoding Python knows "
+                              "(e.g. utf-8, latin-1, cp1252)") from None
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
