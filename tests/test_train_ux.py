@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import flags, make_tiny, recipe_fields
+from tiny_run import adapter_tensors, flags, make_tiny, recipe_fields
 
 from lorakit import cli
 from lorakit.train import load_recipe, run_train
+from lorakit.train.checkpoint import read_checkpoint
 from lorakit.train.outdir import LOCK_NAME, OutputLock
 
 QUIET = lambda message: None  # noqa: E731
@@ -303,3 +305,35 @@ def test_a_csv_line_with_too_many_fields_is_named(tiny, tmp_path, capsys):
 def test_an_unknown_encoding_is_refused(tiny, tmp_path, capsys):
     assert cli.main(_train_argv(tiny, tmp_path / "run", encoding="klingon")) == 2
     assert "recipe field 'encoding' is 'klingon', not a text encoding Python knows" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------- item 10: Ctrl-C keeps the steps
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(tiny, tmp_path, sig):
+    fields = dict(steps=30, save_every=0, eval_every=0, lora={"target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
+    full = tmp_path / "full"
+    run_train(load_recipe(None, recipe_fields(*tiny, **fields, out=str(full))), log=QUIET)
+
+    out = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "lorakit", "train", *flags(recipe_fields(*tiny, **fields, out=str(out)))]
+    proc = subprocess.Popen(argv, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:  # without a terminal the loop logs step 1, then every 3 steps
+        err.append(line)
+        if line.startswith("[lorakit] step 1/30"):
+            proc.send_signal(sig)
+            break
+    rest, tail = proc.communicate(timeout=300)
+    err = "".join(err) + tail
+    assert proc.returncode == 128 + sig, err
+    state = read_checkpoint(out)
+    assert 1 <= state.step < 30 and not (out / "report.json").exists()
+    command = f"lorakit train --resume {out}"
+    assert rest.strip().splitlines()[-1] == (f"interrupted after step {state.step}; checkpoint {state.folder}; "
+                                             f"continue with: {command}")
+    assert f"{signal.Signals(sig).name}: finishing the current step" in err
+
+    assert cli.main(command.split()[1:]) == 0
+    a, b = adapter_tensors(full), adapter_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # no step lost or repeated

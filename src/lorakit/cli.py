@@ -167,9 +167,10 @@ def _train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     if "stopped_at" in report:
-        print(f"stopped after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
-              f"lorakit train --resume {report['out']}")
-        return 0
+        how = "interrupted" if report.get("exit_code") else "stopped"
+        print(f"{how} after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
+              f"{report['resume_command']}")
+        return report.get("exit_code", 0)
     _print_train_summary(report, recipe)
     return 0
 

@@ -17,6 +17,9 @@ with several processes it trains data-parallel (see `distributed`), rank 0 writi
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from .checkpoint import (
     Checkpoint, CheckpointWriter, capture_rng, check_resume_recipe, earlier_checkpoint, read_checkpoint,
 )
 from .errors import CheckpointError, RecipeError, TrainingDiverged
+from .interrupt import GracefulStop
 from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
 from .memory import enable_checkpointing, release_large_frees, want_checkpointing
@@ -75,6 +79,7 @@ class Run:
     result: LoopResult | None = None
     distributed: dict | None = None
     checks: dict[str, Any] = field(default_factory=dict)
+    stop: GracefulStop | None = None
 
     @property
     def out(self) -> Path:
@@ -149,6 +154,11 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             run.dist.close()
 
 
+def resume_command(out: Path) -> str:
+    """The exact command that continues the run in `out`, from any folder."""
+    return f"lorakit train --resume {shlex.quote(str(Path(out).resolve()))}"
+
+
 def _stages(run: Run, threads: int | None, device) -> dict[str, Any] | None:
     _load(run, threads, device)
     _evaluate_before(run)
@@ -157,9 +167,12 @@ def _stages(run: Run, threads: int | None, device) -> dict[str, Any] | None:
     if run.dist is not None and not _leave_group(run):
         return None  # ranks other than 0: done
     if run.result.last_step < run.recipe.steps:
-        run.log(f"stopped after step {run.result.last_step} of {run.recipe.steps}; checkpoint {run.writer.latest}; "
-                f"continue with: lorakit train --resume {run.out}")
-        return {"stopped_at": run.result.last_step, "checkpoint": str(run.writer.latest), "out": str(run.out)}
+        how = f"interrupted ({signal.Signals(run.stop.signal).name})" if run.result.interrupted else "stopped"
+        run.log(f"{how} after step {run.result.last_step} of {run.recipe.steps}; checkpoint {run.writer.latest}; "
+                f"continue with: {resume_command(run.out)}")
+        return {"stopped_at": run.result.last_step, "checkpoint": str(run.writer.latest), "out": str(run.out),
+                "resume_command": resume_command(run.out),
+                "exit_code": run.stop.exit_code if run.result.interrupted else 0}
     _evaluate_after(run)
     _save(run)
     _merge_check(run)
@@ -356,12 +369,15 @@ def _train(run: Run) -> None:
     loss_model = TaskLoss(prep.task, run.model)  # the loss as a forward that DDP / FSDP2 see
     forward_model = run.dist.wrap(loss_model) if run.dist is not None else loss_model
     t = time.perf_counter()
+    saver = _checkpoint_saver(run)
+    # one process: a signal stops after the current step with a checkpoint (several: torchrun handles it)
+    run.stop = GracefulStop(run.log, saver) if run.dist is None else None
     try:
-        run.result = train(forward_model, _call, _local_batches(run), loop_cfg, device=prep.device,
-                           dtype=prep.dtype,
-                           evaluate=_validation(run, forward_model), log=run.log,
-                           resume=run.ckpt.loop_state() if run.ckpt is not None else None,
-                           checkpoint=_checkpoint_saver(run) if wants_checkpoints else None, sync=run.dist)
+        with run.stop or contextlib.nullcontext():
+            run.result = train(forward_model, _call, _local_batches(run), loop_cfg, device=prep.device,
+                               dtype=prep.dtype, evaluate=_validation(run, forward_model), log=run.log,
+                               resume=run.ckpt.loop_state() if run.ckpt is not None else None,
+                               checkpoint=saver if wants_checkpoints else None, sync=run.dist, interrupt=run.stop)
     except TrainingDiverged as exc:
         kept = run.writer.latest
         where = (f"the last good checkpoint is {kept} (step {int(kept.name.split('-')[1])})" if kept is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import resource
 import sys
@@ -67,6 +68,7 @@ class LoopResult:
     step_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of this process (all threads) in each
     start_step: int = 0  # the step this process started from (0, or a checkpoint's step)
     last_step: int = 0  # the last step done (config.steps, or stop_after)
+    interrupted: bool = False  # stopped early at a signal (`train`'s `interrupt`), with a checkpoint
 
     @property
     def tokens_per_second(self) -> float:
@@ -256,6 +258,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def _checkpoint_or_stop(step: int, last: int, config: LoopConfig, checkpoint, interrupt, state) -> bool:
+    """Checkpoint every `save_every` steps and at the last; True (after a checkpoint) when `interrupt`
+    asks to stop before the last step."""
+    saved = checkpoint is not None and (step == last or bool(config.save_every and step % config.save_every == 0))
+    if saved:
+        checkpoint(step, *state)
+    if step < last and interrupt is not None and interrupt.requested():
+        if not saved and interrupt.checkpoint is not None:
+            interrupt.checkpoint(step, *state)
+        state[2].interrupted = True
+        return True
+    return False
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
@@ -269,6 +285,7 @@ def train(
     resume: LoopState | None = None,
     checkpoint: Callable[[int, torch.optim.Optimizer, Any, LoopResult], None] | None = None,
     sync: Any = None,
+    interrupt: Any = None,
 ) -> LoopResult:
     """Optimise the trainable parameters of `model` for `config.steps` steps.
 
@@ -283,6 +300,9 @@ def train(
         checkpoint: `(step, optimizer, scheduler, result)`, called every `save_every` steps,
             after the last step and at `stop_after` (after that step's evaluation).
         sync: the distributed helper (see the module docstring); None for one process.
+        interrupt: an object with `requested() -> bool` and `checkpoint` (a `checkpoint`-like
+            callable or None): once requested, the loop stops after the current step, writes a
+            checkpoint and returns with `result.interrupted` (no final evaluation).
     Returns:
         The `LoopResult`; `last_step` is `config.steps`, or `stop_after` when it stopped early
         (then the final evaluation is skipped and the model stays in training mode).
@@ -298,10 +318,7 @@ def train(
     optimizer, scheduler, result = _start(model, params, config, resume)
     first = result.start_step + 1
     last = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
-
-    def run_eval(step: int) -> None:
-        _evaluate(evaluate, step, result, log)
-
+    run_eval = functools.partial(_evaluate, evaluate, result=result, log=log)  # run_eval(step)
     if first == 1:
         run_eval(0)
     model.train()
@@ -323,12 +340,12 @@ def train(
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 run_eval(step)
                 model.train()
-            if checkpoint is not None and (step == last or (config.save_every and step % config.save_every == 0)):
-                checkpoint(step, optimizer, scheduler, result)
+            if _checkpoint_or_stop(step, last, config, checkpoint, interrupt, (optimizer, scheduler, result)):
+                break
     finally:
         bar.close()
     result.last_step = max(result.last_step, first - 1)
-    if last < config.steps:
+    if last < config.steps or result.interrupted:
         return result
     run_eval(config.steps)
     model.eval()
