@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -337,3 +339,92 @@ def test_a_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(ti
     assert cli.main(command.split()[1:]) == 0
     a, b = adapter_tensors(full), adapter_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # no step lost or repeated
+
+
+# ---------------------------------------------------------------------- item 4: reports with context
+def test_wilson_bounds_are_where_the_score_test_is_at_z():
+    from lorakit.train.stats import Z95, wilson
+
+    for k, n in [(0, 5), (1, 1), (5, 5), (343, 500), (7, 100)]:
+        lo, hi = wilson(k, n)
+        p = k / n
+        for bound in (lo, hi):
+            if 0 < bound < 1:
+                assert abs(abs(p - bound) / math.sqrt(bound * (1 - bound) / n) - Z95) < 1e-9
+        assert lo <= p <= hi
+    assert wilson(1, 1)[0] > 0.2 and wilson(1, 1)[1] == 1.0  # "accuracy 1.0 (n=1)" means little
+
+
+def test_wilson_and_newcombe_intervals_cover_95_percent():
+    """Coverage by simulation (seeded): paired outcomes with a known true gain."""
+    from lorakit.train.stats import paired_gain, wilson
+
+    rng = random.Random(0)
+    n, trials, p_before, p_after = 150, 2000, 0.6, 0.7
+    cover_w = cover_g = 0
+    for _ in range(trials):
+        before, after = [], []
+        for _ in range(n):
+            u = rng.random()  # correlated outcomes: the same example is easy or hard for both
+            before.append(u < p_before)
+            after.append(u < p_after if rng.random() < 0.8 else rng.random() < p_after)
+        lo, hi = wilson(sum(after), n)
+        cover_w += lo <= p_after <= hi
+        g = paired_gain(before, after)
+        true_gain = p_after - p_before  # E[after] - E[before]
+        cover_g += g["ci95"][0] <= true_gain <= g["ci95"][1]
+    assert 0.93 <= cover_w / trials <= 0.975
+    assert 0.93 <= cover_g / trials <= 0.98
+
+
+def test_paired_gain_counts_and_a_zero_gain():
+    from lorakit.train.stats import paired_gain
+
+    g = paired_gain([True, True, False, False], [True, False, True, False])
+    assert g["gain"] == 0.0 and g["gained"] == 1 and g["lost"] == 1 and g["ci95"][0] < 0 < g["ci95"][1]
+
+
+def _skewed(tiny_data: Path, path: Path, keep_negative: int) -> Path:
+    rows = [json.loads(line) for line in tiny_data.read_text().splitlines()]
+    negatives = [r for r in rows if r["label"] == "negative"][:keep_negative]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == "positive" or r in negatives))
+    return path
+
+
+def test_a_skewed_run_reports_the_majority_baseline_intervals_and_confusion(tiny, tmp_path, capsys):
+    data = _skewed(tiny[1], tmp_path / "skewed.jsonl", keep_negative=25)
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, data=data, steps=3, test_size=40, save_every=0)) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    st = report["test"]["stats"]
+    n = report["data"]["sizes"]["test"]
+    assert st["n"] == n == sum(st["gold_counts"].values())
+    assert st["majority_baseline"]["label"] == "positive"
+    assert st["majority_baseline"]["accuracy"] == st["gold_counts"]["positive"] / n
+    for form in ("before", "after", "merged"):
+        acc = st["accuracy"][form]
+        assert acc["accuracy"] == report["test"][form]["accuracy"]
+        assert acc["ci95"][0] < acc["accuracy"] < acc["ci95"][1] or acc["accuracy"] in (0.0, 1.0)
+        assert sum(st["predicted_counts"][form].values()) == n
+        matrix = st["confusion"][form]
+        assert sum(map(sum, matrix)) == n and sum(matrix[i][i] for i in range(2)) == acc["correct"]
+    gain = st["gain"]
+    assert abs(100 * gain["gain"] - report["gain_points"]) < 1e-9 and gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# lorakit train: classify-lm on skewed.jsonl\n")
+    assert "sentiment" not in md.splitlines()[0]
+    assert f"always answering the majority class `positive`: {100 * st['majority_baseline']['accuracy']:.1f}%" in md
+    assert "Confusion matrix after training" in md and "(paired, Newcombe)" in md
+    assert f"majority class 'positive': {st['majority_baseline']['accuracy']:.4f}" in stdout
+    assert f"95% CI {100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, paired" in stdout
+
+
+def test_a_tiny_test_set_is_warned_about(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, test_size=5, save_every=0)) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["test"]["stats"]["warnings"][0].startswith("only 5 test examples")
+    assert "warning: only 5 test examples" in stdout
+    assert "> **Warning:** only 5 test examples" in (out / "report.md").read_text()

@@ -192,9 +192,16 @@ def _train_multiprocess(args: argparse.Namespace, recipe) -> int:
 def _print_train_summary(report: dict, recipe) -> None:
     test = report["test"]
     if "accuracy" in test["after"]:
+        st = test.get("stats") or {}
+        gain, base = st.get("gain"), st.get("majority_baseline")
+        ci = f" (95% CI {100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, paired)" if gain else ""
+        majority = f"; majority class {base['label']!r}: {base['accuracy']:.4f}" if base else ""
         print(f"test accuracy: {test['before']['accuracy']:.4f} (base) -> {test['after']['accuracy']:.4f} (LoRA) "
-              f"-> {test['merged']['accuracy']:.4f} (merged); gain {report['gain_points']:+.1f} points; "
+              f"-> {test['merged']['accuracy']:.4f} (merged), n={test['after']['n']}; gain "
+              f"{report['gain_points']:+.1f} points{ci}{majority}; "
               f"trainable {report['lora']['trainable_percent']:.3f}% of parameters")
+        for warning in st.get("warnings", []):
+            print(f"warning: {warning}")
     else:
         print(f"test loss: {test['before']['loss']:.4f} (base) -> {test['after']['loss']:.4f} (LoRA); perplexity "
               f"{test['before']['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "

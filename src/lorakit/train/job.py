@@ -49,6 +49,7 @@ from .prepare import Prepared, load_data, stderr_log
 from .recipe import Recipe
 from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
+from .stats import classification_summary
 from .tasks import TaskLoss
 
 RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
@@ -73,6 +74,7 @@ class Run:
     plan: Plan | None = None
     timings: dict[str, float] = field(default_factory=dict)
     before: dict | None = None
+    before_preds: list | None = None  # the base model's test predictions (paired with the trained model's)
     samples: list = field(default_factory=list)
     trainable_names: list[str] = field(default_factory=list)
     writer: CheckpointWriter | None = None
@@ -250,6 +252,7 @@ def _load(run: Run, threads: int | None, device) -> None:
                               "(the data file or the split fields changed)")
     job_state = ckpt.state.get("job", {})
     run.before, run.samples = job_state.get("before"), job_state.get("samples", [])
+    run.before_preds = job_state.get("before_predictions")  # absent in checkpoints of older versions
     run.log(f"resuming from {ckpt.folder} (step {ckpt.step} of {recipe.steps})"
             + (f"; changed: {', '.join(run.changed)}" if run.changed else ""))
     if run.shards != run.world_size:
@@ -272,7 +275,8 @@ def _evaluate_before(run: Run) -> None:
     if run.is_main:
         test = run.prep.splits.test
         run.log(f"evaluating the base model on {len(test)} held-out test examples")
-        run.before, _ = run.prep.evaluate(run.model, test)
+        run.before, preds = run.prep.evaluate(run.model, test)
+        run.before_preds = preds if "accuracy" in run.before else None  # labels; a loss task's are per-example losses
         run.samples = _samples(run.prep, run.model, "before") if run.recipe.task == "instruct" else []
         run.log("before: " + _summary(run.before))
     run.timings["eval_before_seconds"] = time.perf_counter() - t
@@ -348,7 +352,7 @@ def _checkpoint_saver(run: Run):
                         data={"global_micro_batch": run.global_micro, "shards": run.shards,
                               "micro_batches_consumed": step * recipe.grad_accum, "seed": recipe.seed,
                               "train_fingerprint": train_fingerprint},
-                        job={"before": run.before, "samples": run.samples})
+                        job={"before": run.before, "samples": run.samples, "before_predictions": run.before_preds})
     return save_checkpoint
 
 
@@ -470,6 +474,7 @@ def _merge_check(run: Run) -> None:
         merged_model = merge_and_unload(run.model)
     run.checks["merged_logits"] = prep.task.probe(merged_model, probe, prep.device, prep.dtype)
     run.checks["merged"], merged_preds = prep.evaluate(merged_model, test)
+    run.checks["merged_preds"] = merged_preds
     preds = run.checks["preds"]
     if run.recipe.task in LOSS_TASKS:  # "predictions" are per-example losses: equal to float rounding
         run.checks["compared"] = "per-example test losses (|diff| <= 1e-4)"
@@ -532,6 +537,11 @@ def _report(run: Run) -> dict[str, Any]:
         report["distributed"] = run.distributed
     if "accuracy" in run.before:
         report["gain_points"] = 100 * (c["after"]["accuracy"] - run.before["accuracy"])
+        report["test"]["stats"] = stats = classification_summary(
+            [e["label"] for e in prep.splits.test], prep.task.labels,
+            {"before": run.before_preds, "after": c["preds"], "merged": c.get("merged_preds")})
+        for warning in stats["warnings"]:
+            run.log("warning: " + warning)
     if run.samples:
         report["samples"] = run.samples
     write_report(run.out, report, result.history, result.evals)
