@@ -428,3 +428,49 @@ def test_a_tiny_test_set_is_warned_about(tiny, tmp_path, capsys):
     assert report["test"]["stats"]["warnings"][0].startswith("only 5 test examples")
     assert "warning: only 5 test examples" in stdout
     assert "> **Warning:** only 5 test examples" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------- item 5: truncation counted and reported
+def test_truncation_is_counted_logged_reported_and_keeps_the_document_start(tiny, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from lorakit.train.recipe import GENERIC_TEMPLATE
+
+    rows = [json.loads(line) for line in tiny[1].read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 3 == 0:  # a third of the documents are long: a headline first, then filler
+            r["text"] = f"great {i} " + " ".join(["movie", "film", "plot"] * 12)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, data=data, max_length=32, save_every=0)) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    tr = report["truncation"]
+
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    prompt = lambda text: GENERIC_TEMPLATE.format(text=text, choices="negative, positive")  # noqa: E731
+    full = {r["text"]: len(tok(prompt(r["text"]))["input_ids"]) + 1 for r in rows}  # + the one-token answer
+    test_texts = [t for t in full if t.startswith("great") and t.split()[1].isdigit() and int(t.split()[1]) % 3 == 0]
+    assert test_texts
+    n_long = sum(n > 32 for n in full.values())
+    assert n_long == len(test_texts)
+    assert tr["splits"]["train"]["truncated"] + tr["splits"]["test"]["truncated"] <= n_long
+    assert tr["splits"]["train"]["truncated"] > 0
+    assert tr["splits"]["train"]["longest"] == max(full.values())
+    assert tr["suggested_max_length"] >= max(full.values()) - 8 and tr["suggested_max_length"] % 8 == 0
+    assert tr["rule"].startswith("the document keeps its start")
+    assert "truncation: " in err and f"--max-length {tr['suggested_max_length']} would fit 95%" in err
+    assert "**Truncated:**" in (out / "report.md").read_text()
+
+    from lorakit.train.prepare import make_task
+
+    task = make_task(load_recipe(None, recipe_fields(*tiny, max_length=32)), tok, rows)
+    long_example = next(r for r in rows if r["text"] in test_texts)
+    ids, labels = task.encode(long_example)
+    full_ids = tok(prompt(long_example["text"]))["input_ids"]
+    answer = tok(" " + long_example["label"], add_special_tokens=False)["input_ids"]
+    tail = tok("\nAnswer with one of: negative, positive.\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 32 and len(full_ids) + 1 > 32
+    assert ids[:3] == full_ids[:3]  # "Text: great <i>": the document's start is kept
+    assert ids[-len(tail) - 1:] == tail + answer and labels[-1] == answer[0]  # the question and the answer cue too

@@ -51,6 +51,7 @@ from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
 from .stats import classification_summary
 from .tasks import TaskLoss
+from .truncation import truncation_message
 
 RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
 SAMPLE_PROMPTS = 3
@@ -244,6 +245,9 @@ def _load(run: Run, threads: int | None, device) -> None:
                           "micro-batch "
                           f"(batch_size {recipe.batch_size} x {run.shards} processes)")
     run.plan = plan(run.model, prep.config)  # a target that matches nothing fails now, not after the evaluation
+    run.checks["truncation"] = prep.truncation()
+    if (message := truncation_message(run.checks["truncation"])) is not None:
+        run.log(message)
     if ckpt is None:
         return
     if ckpt.state["data"].get("train_fingerprint") != data_mod.fingerprint(prep.splits.train):
@@ -529,7 +533,7 @@ def _report(run: Run) -> dict[str, Any]:
         "adapter": {"path": str(run.adapter_dir.resolve()),
                     "bytes": sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())},
         "verify": c["verify"],
-        "memory": c["memory"],
+        "memory": c["memory"], "truncation": c["truncation"],
         "base_weights": prep.base_weights, "quantization": prep.quantization, "timings": run.timings,
         "environment": prep.environment(),
     }

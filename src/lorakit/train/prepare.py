@@ -24,6 +24,7 @@ from .packing import pack, padding_report
 from .errors import RecipeError
 from .recipe import Recipe
 from .tasks import TASK_CLASSES, Task
+from .truncation import truncation_report
 from .text import TextTask, block_dataset, document_dataset
 
 TASKS = {**TASK_CLASSES, TextTask.name: TextTask}
@@ -139,6 +140,12 @@ class Prepared:
         report = padding_report(lengths, self.recipe.max_length, self.recipe.batch_size, self.recipe.seed)
         return {**report, "packing": self.recipe.packing,
                 "padding": report["padding_after" if self.recipe.packing else "padding_before"]}
+
+    def truncation(self) -> dict[str, Any]:
+        """How much `max_length` cuts of each split (`truncation.truncation_report`)."""
+        positions = getattr(self.model.config, "max_position_embeddings", None) if self.model is not None else None
+        splits = {"train": self.splits.train, "test": self.splits.test}
+        return truncation_report(self.task, splits, self.recipe.max_length, positions)
 
     def quantize(self, model, *, correct: bool = False,
                  log: Callable[[str], None] = stderr_log) -> dict[str, Any] | None:

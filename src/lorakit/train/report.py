@@ -8,6 +8,7 @@ from typing import Any
 
 from ..fileio import atomic_write_text
 from .recipe import PRESETS
+from .truncation import truncation_message
 
 PRESET_NAMES = tuple(PRESETS)
 
@@ -134,6 +135,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"data `{r['data']['name']}` (train {r['data']['sizes']['train']}, validation "
               f"{r['data']['sizes']['val']}, "
               f"held-out test {r['data']['sizes']['test']}; split seed {rec['split_seed']}).", ""]
+    cut = truncation_message(r["truncation"]) if r.get("truncation") else None
+    lines += [f"**Truncated:** {cut.removeprefix('truncation: ')}.", ""] if cut else []
     lines += ["## Held-out test split", "", "| model | " + " | ".join(r["metric_names"]) + " |",
               "|---|" + "---|" * len(r["metric_names"])]
     for label, key in (("before training (base model)", "before"), ("after LoRA training", "after"),
