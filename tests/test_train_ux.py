@@ -474,3 +474,47 @@ def test_truncation_is_counted_logged_reported_and_keeps_the_document_start(tiny
     assert len(ids) == 32 and len(full_ids) + 1 > 32
     assert ids[:3] == full_ids[:3]  # "Text: great <i>": the document's start is kept
     assert ids[-len(tail) - 1:] == tail + answer and labels[-1] == answer[0]  # the question and the answer cue too
+
+
+# ---------------------------------------------------------------------- item 3: your own test and validation files
+def test_own_test_and_validation_files_are_used_whole_and_never_trained_on(tiny, tmp_path, capsys):
+    rows = [json.loads(line) for line in tiny[1].read_text().splitlines()]
+    test_rows = rows[:30] + [{"text": f"great fun film extra{i}", "label": "positive"} for i in range(60)]
+    val_rows = rows[30:40]
+    for name, part in (("test", test_rows), ("val", val_rows)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "run"
+    argv = _train_argv(tiny, out, save_every=0, test_data=str(tmp_path / "test.jsonl"))
+    assert cli.main(argv + ["--eval-data", str(tmp_path / "val.jsonl")]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["sizes"] == {"train": 200 - 40, "val": 10, "test": 90}  # whole files, beyond the 20% cap
+    assert report["test"]["after"]["n"] == 90
+    assert report["data"]["test_file"]["path"] == str(tmp_path / "test.jsonl")
+    assert report["recipe"]["val_data"] == str(tmp_path / "val.jsonl")
+    assert f"dropped 40 examples of {tiny[1]} whose text is also in" in err
+    from lorakit.train.data import fingerprint
+
+    assert report["data"]["test_fingerprint"] == fingerprint(test_rows)  # as given, in file order
+
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out / "adapter")]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("test (90 examples)") and "reproduced the recorded accuracy" in stdout
+
+
+def test_eval_with_data_scores_the_whole_file(finished, tiny, tmp_path, capsys):
+    out, _ = finished
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(tiny[1]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "all" and result["metrics"]["n"] == 200  # not the 40 of a 20% test split
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(tiny[1]), "--split", "test",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["n"] == 20
+
+
+def test_a_missing_test_file_fails_before_the_model_loads(tiny, tmp_path, capsys):
+    assert cli.main(_train_argv(tiny, tmp_path / "run", test_data=str(tmp_path / "nope.jsonl"))) == 2
+    assert _one_error_line(capsys) == f"lorakit train: error: data file {tmp_path / 'nope.jsonl'} does not exist"
+    assert not (tmp_path / "run").exists()

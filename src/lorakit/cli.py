@@ -212,7 +212,8 @@ def _print_train_summary(report: dict, recipe) -> None:
 # ---------------------------------------------------------------------- eval
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter folder written by lorakit train (omit to evaluate the base model)")
-    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split (default test)")
+    p.add_argument("--split", default=None, choices=("test", "val", "train", "all"),
+                   help="which split (default: test; with --data: all, the whole file)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_recipe_arguments(p)
 
@@ -223,7 +224,8 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = recipe_overrides(args)
     # --model alone names the default recipe's task and data
     base = load_recipe(source) if (source or overrides or not args.adapter) else None
-    result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=args.split)
+    split = args.split or ("all" if "data" in overrides else "test")  # --data FILE: the whole file
+    result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=split)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -45,7 +45,7 @@ from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
 from .memory import enable_checkpointing, release_large_frees, want_checkpointing
 from .outdir import OutputLock, check_writable
-from .prepare import Prepared, load_data, stderr_log
+from .prepare import Prepared, load_data, load_held_out, stderr_log
 from .recipe import Recipe
 from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
@@ -221,6 +221,7 @@ def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: i
     resolve_device(recipe.device, recipe.precision)
     resolve_model(recipe.model)
     load_data(recipe)
+    load_held_out(recipe)
 
 
 def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:

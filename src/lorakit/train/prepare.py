@@ -42,6 +42,12 @@ def load_data(recipe: Recipe) -> data_mod.Dataset:
     return data_mod.load_dataset(recipe)
 
 
+def load_held_out(recipe: Recipe) -> dict[str, data_mod.Dataset]:
+    """The files `recipe.test_data` / `recipe.val_data` name (same task and fields as `data`), checked."""
+    files = {"test": recipe.test_data, "val": recipe.val_data}
+    return {split: data_mod.load_dataset(recipe.replace(data=path)) for split, path in files.items() if path}
+
+
 def make_task(recipe: Recipe, tokenizer, examples) -> Task:
     """The task object of `recipe.task`, set up from the tokenizer and all examples (for the label set)."""
     return TASKS[recipe.task](recipe, tokenizer, examples)
@@ -78,6 +84,7 @@ class Prepared:
         self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
         self.config = lora_config_for(recipe, self.source.name)  # the run's one LoraConfig
         data = load_data(recipe)  # bad data fails here too (the text task's blocks need the tokenizer)
+        self.held_out = load_held_out(recipe)  # --test-data / --val-data: used whole
         if data.skipped:
             log(f"skipped {data.skipped} rows with an empty text/prompt/response")
         if os.environ.get("LORAKIT_BUSY_CPU"):
@@ -95,7 +102,8 @@ class Prepared:
         self.model.to(self.device)
         self.dataset = block_dataset(data, self.tokenizer, recipe.max_length) if recipe.task == "text" else data
         self.splits = self._split(log)
-        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+        every = self.dataset.examples + [e for ds in self.held_out.values() for e in ds.examples]
+        self.task = make_task(recipe, self.tokenizer, every)  # the label set of every file
         # what the training stream draws batches from: examples, or packed rows of examples
         self.train_items = self._packed_rows() if recipe.packing else self.splits.train
         self.qera = None
@@ -116,12 +124,21 @@ class Prepared:
 
     def _split(self, log) -> data_mod.Splits:
         recipe, examples = self.recipe, self.dataset.examples
-        splits = data_mod.split(examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        held = self.held_out
+        given = {data_mod.example_key(e) for ds in held.values() for e in ds.examples}
+        pool = [e for e in examples if data_mod.example_key(e) not in given]  # never train on a held-out file
+        if len(pool) < len(examples):
+            log(f"dropped {len(examples) - len(pool)} examples of {self.dataset.name} whose text is also in "
+                f"{' / '.join(ds.name for ds in held.values())} (held out: never trained on)")
+        splits = data_mod.split(pool, 0 if "test" in held else recipe.test_size,
+                                0 if "val" in held else recipe.val_size, recipe.split_seed)
+        for name, ds in held.items():
+            setattr(splits, name, list(ds.examples))
         s = splits.sizes()
         unit = "blocks" if recipe.task == "text" else "examples"
         log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
             f"{len(examples)} {unit} -> train {s['train']}, val {s['val']}, test {s['test']}")
-        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
+        if ("test" not in held and s["test"] < recipe.test_size) or ("val" not in held and s["val"] < recipe.val_size):
             log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
                 f"{recipe.val_size}): they take at most 20% and 10% of the {len(examples)} {unit}")
         return splits
@@ -194,14 +211,18 @@ class Prepared:
     def split_info(self) -> dict[str, Any]:
         return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,
                 "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples),
-                "path": data_mod.absolute_spec(self.recipe.data), "sha256": data_mod.spec_sha256(self.recipe.data)}
+                "path": data_mod.absolute_spec(self.recipe.data), "sha256": data_mod.spec_sha256(self.recipe.data),
+                **{f"{split}_file": {"path": data_mod.absolute_spec(ds.name), "sha256": data_mod.spec_sha256(ds.name)}
+                   for split, ds in self.held_out.items()}}
 
     def saved_recipe(self) -> dict[str, Any]:
         """The recipe as saved with the run: data and model paths absolute, so `lorakit eval` and
         `lorakit merge` work from any folder."""
         builtin = self.source.name != str(self.source.path)  # a built-in name stays a name
         model = self.recipe.model if builtin else str(self.source.path.resolve())
-        return {**self.recipe.to_dict(), "data": data_mod.absolute_spec(self.recipe.data), "model": model}
+        paths = {k: data_mod.absolute_spec(getattr(self.recipe, k)) for k in ("data", "test_data", "val_data")
+                 if getattr(self.recipe, k)}
+        return {**self.recipe.to_dict(), **paths, "model": model}
 
     def model_info(self) -> dict[str, Any]:
         info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path.resolve()),

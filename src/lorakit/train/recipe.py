@@ -57,6 +57,9 @@ class Recipe:
         label_words: label value (as a string) -> answer word for `classify-lm`; default: the label itself.
         prompt_template: `classify-lm` prompt with `{text}` (and optionally `{choices}`); default
             depends on the data.
+        test_data, val_data: a file (same format and fields as `data`) used whole as the test /
+            validation split, never trained on (training examples sharing a text with it are
+            dropped); `test_size` / `val_size` are then not taken from `data`.
         test_size, val_size: held-out examples (deterministic split by `split_seed`; the test
             split is never trained on). Shrunk for small files (at most 20% / 10% of the data).
         lora: `LoraConfig` arguments (`r`, `alpha`, `dropout`, `target_modules`, `modules_to_save`, ...).
@@ -112,6 +115,8 @@ class Recipe:
     response_field: str = "response"
     label_words: dict[str, str] | None = None
     prompt_template: str | None = None
+    test_data: str | None = None
+    val_data: str | None = None
     test_size: int = 500
     val_size: int = 64
     split_seed: int = 0
@@ -153,6 +158,13 @@ class Recipe:
             if not isinstance(value, str) or not value.strip():
                 raise RecipeError(f"recipe field {name!r} must be a non-empty string, got {value!r}")
         _choice("task", self.task, TASKS)
+        for name in ("test_data", "val_data"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise RecipeError(f"recipe field {name!r} must be a data file or null, got {value!r}")
+            if value is not None and self.task == "text":
+                raise RecipeError(f"recipe field {name!r} is not supported with task 'text' (its held-out blocks "
+                                  "come from the --data documents)")
         try:
             codecs.lookup(self.encoding)
         except (LookupError, TypeError):

@@ -60,13 +60,14 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
 
     Rebuilds model, data split and scoring from `adapter/lorakit_train.json`; when the split is
     the recorded one (same fingerprint) the result is compared with the recorded test metrics.
+    `split="all"`: every example of the recipe's `data` (`lorakit eval --data FILE`).
 
     Returns:
         `{"metrics", "split", "recorded" (or None), "matches_recorded" (bool or None), "recipe"}`.
     """
     recipe, info = recipe_for_adapter(adapter, base, overrides or {})
-    if split not in ("test", "val", "train"):
-        raise RecipeError(f"split must be test, val or train, got {split!r}")
+    if split not in ("test", "val", "train", "all"):
+        raise RecipeError(f"split must be test, val, train or all, got {split!r}")
     recorded_sha = (info or {}).get("data", {}).get("sha256")
     if recorded_sha is not None and data_mod.spec_sha256(recipe.data) not in (None, recorded_sha):
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
@@ -74,7 +75,7 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
     prep = Prepared(recipe, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
-    examples = getattr(prep.splits, split)
+    examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
     log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on {len(examples)} {split} examples")
     metrics, _ = prep.evaluate(prep.model, examples)
     recorded, matches = None, None
