@@ -518,3 +518,44 @@ def test_a_missing_test_file_fails_before_the_model_loads(tiny, tmp_path, capsys
     assert cli.main(_train_argv(tiny, tmp_path / "run", test_data=str(tmp_path / "nope.jsonl"))) == 2
     assert _one_error_line(capsys) == f"lorakit train: error: data file {tmp_path / 'nope.jsonl'} does not exist"
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- item 12: progress, skippable fixed costs
+def test_progress_with_eta_for_training_and_evaluations(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_PROGRESS_SECONDS", "0")  # without a terminal: a log line per forward pass
+    logged = []
+    run_train(load_recipe(None, recipe_fields(*tiny, steps=8, test_size=40, eval_batch_size=8, save_every=0,
+                                              out=str(tmp_path / "run"))), log=logged.append)
+    steps = [m for m in logged if m.startswith("step ")]
+    assert steps and all(" eta " in m for m in steps if not m.startswith("step 8/8")), steps
+    for desc, batches in (("evaluating the base model", 5), ("evaluating the trained model", 5),
+                          ("checking the merged model", 2)):  # 40 test examples in batches of 8; the quick check: 2
+        lines = [m for m in logged if m.startswith(desc + ": ")]
+        assert [m.split(": ")[1].split(",")[0] for m in lines] == [f"{i}/{batches} batches" for i in range(1, batches)]
+        assert all(", eta " in m for m in lines)
+    assert "the first 16 of 40 test examples" in next(m for m in logged if m.startswith("merged: "))
+
+
+def test_no_eval_before_and_no_merge_check(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, save_every=0) + ["--no-eval-before", "--no-merge-check"]) == 0
+    captured = capsys.readouterr()
+    assert "[lorakit] evaluating the base model on" not in captured.err
+    assert "not checking the merged model" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["test"]) == {"after", "stats"} and "gain_points" not in report
+    assert report["checks"]["merge_check"] == "off" and report["checks"]["merged_predictions_equal"] is None
+    assert report["checks"]["reload_identical"]
+    assert "merged model: not checked" in (out / "report.md").read_text()
+    assert "no base evaluation" in captured.out
+
+
+def test_full_merge_check_compares_every_test_prediction(tiny, tmp_path):
+    from lorakit.train.errors import RecipeError
+
+    report = run_train(load_recipe(None, recipe_fields(*tiny, test_size=40, eval_batch_size=8, save_every=0,
+                                                       out=str(tmp_path / "run"))), log=QUIET, merge_check="full")
+    assert report["checks"]["merged_examples"] == 40 and report["test"]["merged"]["n"] == 40
+    assert report["checks"]["merged_predictions_equal"]
+    with pytest.raises(RecipeError, match="merge_check must be one of quick, full, off"):
+        run_train(load_recipe(None, recipe_fields(*tiny, out=str(tmp_path / "x"))), merge_check="fast")

@@ -55,6 +55,7 @@ from .truncation import truncation_message
 
 RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
 SAMPLE_PROMPTS = 3
+MERGE_CHECKS = ("quick", "full", "off")
 LOSS_TASKS = ("instruct", "text")  # scored by held-out loss / perplexity rather than accuracy
 
 
@@ -83,6 +84,8 @@ class Run:
     distributed: dict | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     stop: GracefulStop | None = None
+    eval_before: bool = True  # score the base model on the test split first (--no-eval-before: skip)
+    merge_check: str = "quick"  # quick: a few test batches | full: the whole test split | off
 
     @property
     def out(self) -> Path:
@@ -111,7 +114,8 @@ class Run:
 
 
 def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume: str | Path | None = None,
-              stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
+              stop_after: int | None = None, overwrite: bool = False, eval_before: bool = True,
+              merge_check: str = "quick") -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
     Args:
@@ -120,6 +124,10 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             come from the checkpoint; `recipe` must agree with the recorded one except for
             `checkpoint.RESUME_MAY_CHANGE` (use `checkpoint.resume_recipe` to build it).
         stop_after: stop after this step, with a checkpoint (continue with `resume`).
+        eval_before: score the base model on the test split before training (False: skip it; the
+            report then has no gain).
+        merge_check: "quick" (merged vs unmerged logits and predictions on the first two evaluation
+            batches of the test split), "full" (the whole test split) or "off".
         overwrite: allow an output folder that holds a previous run (`report.json`,
             `checkpoints/` or `adapter/`); its files are replaced as the new run writes them, and
             files the new run does not write (a `merged/` folder, say) stay. Without it such a
@@ -139,7 +147,10 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
     world = dist_mod.world_from_env()
     ckpt, changed, shards = _checks(recipe, resume, world.world_size if world else 1, overwrite)
     device = resolve_device(recipe.device, recipe.precision)
-    run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after)
+    if merge_check not in MERGE_CHECKS:
+        raise RecipeError(f"merge_check must be one of {', '.join(MERGE_CHECKS)}, got {merge_check!r}")
+    run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after, eval_before=eval_before,
+              merge_check=merge_check)
     if world is not None:
         run.dist = dist_mod.Distributed(world, recipe.parallel, device[0])
         device = (run.dist.device, device[1])
@@ -276,11 +287,14 @@ def _evaluate_before(run: Run) -> None:
             run.log(f"{run.out / 'checkpoints'} holds a checkpoint of an earlier run (step {earlier}); this run "
                     "replaces it "
                     f"(lorakit train --resume {run.out} would have continued it)")
+    if not run.eval_before:
+        run.log("not evaluating the base model (--no-eval-before): the report has no before / gain")
+        return
     t = time.perf_counter()
     if run.is_main:
         test = run.prep.splits.test
         run.log(f"evaluating the base model on {len(test)} held-out test examples")
-        run.before, preds = run.prep.evaluate(run.model, test)
+        run.before, preds = run.prep.evaluate(run.model, test, desc="evaluating the base model", log=run.log)
         run.before_preds = preds if "accuracy" in run.before else None  # labels; a loss task's are per-example losses
         run.samples = _samples(run.prep, run.model, "before") if run.recipe.task == "instruct" else []
         run.log("before: " + _summary(run.before))
@@ -442,7 +456,8 @@ def _leave_group(run: Run) -> bool:
 # ---------------------------------------------------------------------- after training
 def _evaluate_after(run: Run) -> None:
     t = time.perf_counter()
-    run.checks["after"], run.checks["preds"] = run.prep.evaluate(run.model, run.prep.splits.test)
+    run.checks["after"], run.checks["preds"] = run.prep.evaluate(run.model, run.prep.splits.test,
+                                                                 desc="evaluating the trained model", log=run.log)
     if run.recipe.task == "instruct":
         run.samples = [{**s, "after": a} for s, a in zip(run.samples, _samples(run.prep, run.model, "after"))]
     run.timings["eval_after_seconds"] = time.perf_counter() - t
@@ -467,31 +482,39 @@ def _save(run: Run) -> None:
 
 
 def _merge_check(run: Run) -> None:
-    """Merged vs unmerged: the same logits (to float rounding) and the same test predictions."""
+    """Merged vs unmerged: the same logits (to float rounding) and the same test predictions, on the
+    first two evaluation batches of the test split (`merge_check="full"`: all of it; "off": skipped)."""
     prep, test = run.prep, run.prep.splits.test
     t = time.perf_counter()
     probe = test[:PROBE_EXAMPLES]
     run.checks["unmerged_logits"] = prep.task.probe(run.model, probe, prep.device, prep.dtype)
+    if run.merge_check == "off":
+        run.log("not checking the merged model (--no-merge-check)")
+        run.model = run.prep.model = None
+        return
     if prep.quantization is not None:  # dequantize + delta in float32 -> a dense model; rounding error reported
         merged_model, merge_rounding = merge_quantized(run.model)
         prep.quantization["merge"] = merge_rounding.as_dict()
     else:
         merged_model = merge_and_unload(run.model)
     run.checks["merged_logits"] = prep.task.probe(merged_model, probe, prep.device, prep.dtype)
-    run.checks["merged"], merged_preds = prep.evaluate(merged_model, test)
-    run.checks["merged_preds"] = merged_preds
-    preds = run.checks["preds"]
+    subset = test if run.merge_check == "full" else test[:2 * run.recipe.eval_batch_size]
+    run.checks["merged"], merged_preds = prep.evaluate(merged_model, subset, desc="checking the merged model",
+                                                       log=run.log)
+    run.checks["merged_preds"] = merged_preds if len(subset) == len(test) else None
+    preds = run.checks["preds"][:len(subset)]
     if run.recipe.task in LOSS_TASKS:  # "predictions" are per-example losses: equal to float rounding
         run.checks["compared"] = "per-example test losses (|diff| <= 1e-4)"
         diffs = sum(abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(preds, merged_preds))
     else:
         run.checks["compared"] = "test predictions"
         diffs = sum(a != b for a, b in zip(preds, merged_preds))
-    run.checks["diffs"] = diffs
+    run.checks["diffs"], run.checks["merged_examples"] = diffs, len(subset)
     run.timings["merge_check_seconds"] = time.perf_counter() - t
     run.log(f"merged: {_summary(run.checks['merged'])}; logits max |diff| vs unmerged "
-            f"{_max_diff(run.checks['merged_logits'], run.checks['unmerged_logits']):.3g}; {diffs} of {len(test)} "
-            f"{run.checks['compared']} differ")
+            f"{_max_diff(run.checks['merged_logits'], run.checks['unmerged_logits']):.3g}; {diffs} of {len(subset)} "
+            f"{run.checks['compared']} differ" + (f" (the first {len(subset)} of {len(test)} test examples; "
+                                                 "--merge-check full: all)" if len(subset) < len(test) else ""))
     run.model = run.prep.model = None  # free them before the reload check
 
 
@@ -514,7 +537,8 @@ def _report(run: Run) -> dict[str, Any]:
         "recipe": c["info"]["recipe"], "model": c["info"]["model"], "data": c["info"]["data"],
         "task": prep.task.describe(),
         "metric_names": ["loss", "perplexity"] if recipe.task in LOSS_TASKS else ["accuracy", "loss"],
-        "test": {"before": run.before, "after": c["after"], "merged": c["merged"]},
+        "test": {k: v for k, v in (("before", run.before), ("after", c["after"]), ("merged", c.get("merged")))
+                 if v is not None},
         "lora": {"config": config.to_peft_dict(), "targets": config.target_modules,
                  "adapted_modules": len(run.plan.targets),
                  "trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
@@ -525,9 +549,11 @@ def _report(run: Run) -> dict[str, Any]:
                         "resumed_at_step": run.ckpt.step if run.ckpt is not None else None,
                         "changed_on_resume": run.changed},
         "checks": {
-            "merged_vs_unmerged_max_abs_diff": _max_diff(c["merged_logits"], c["unmerged_logits"]),
-            "merged_predictions_equal": c["diffs"] == 0, "merged_prediction_differences": c["diffs"],
-            "merged_compared": c["compared"],
+            "merge_check": run.merge_check, "merged_examples": c.get("merged_examples"),
+            "merged_vs_unmerged_max_abs_diff": _max_diff(c["merged_logits"], c["unmerged_logits"])
+            if "merged_logits" in c else None,
+            "merged_predictions_equal": c["diffs"] == 0 if "diffs" in c else None,
+            "merged_prediction_differences": c.get("diffs"), "merged_compared": c.get("compared"),
             "reload_max_abs_diff": _max_diff(c["reload_logits"], c["unmerged_logits"]),
             "reload_identical": bool(torch.equal(c["reload_logits"], c["unmerged_logits"])),
         },
@@ -540,8 +566,9 @@ def _report(run: Run) -> dict[str, Any]:
     }
     if run.distributed is not None:
         report["distributed"] = run.distributed
-    if "accuracy" in run.before:
-        report["gain_points"] = 100 * (c["after"]["accuracy"] - run.before["accuracy"])
+    if "accuracy" in c["after"]:
+        if run.before is not None:
+            report["gain_points"] = 100 * (c["after"]["accuracy"] - run.before["accuracy"])
         report["test"]["stats"] = stats = classification_summary(
             [e["label"] for e in prep.splits.test], prep.task.labels,
             {"before": run.before_preds, "after": c["preds"], "merged": c.get("merged_preds")})

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import UsageError
 from .errors import TrainingDiverged
+from .progress import eta_text
 from .tasks import autocast
 from ..loraplus import loraplus_param_groups
 
@@ -177,8 +178,10 @@ def _show_step(bar, log: Callable[[str], None], is_main: bool, config: LoopConfi
     bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}")
     step = h["step"]
     if bar.disable and is_main and (step % config.log_every == 0 or step == 1 or step == config.steps):
+        done = len(result.step_seconds)  # steps this process ran (a resumed run's pace is its own)
+        eta = eta_text(done, done + config.steps - step, sum(result.step_seconds))
         log(f"step {step}/{config.steps}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  grad_norm {h['grad_norm']:.3f}  "
-            f"{result.tokens_per_second:.0f} tok/s")
+            f"{result.tokens_per_second:.0f} tok/s" + (f"  {eta}" if eta else ""))
 
 
 def _accumulate(model, loss_fn, batches, config: LoopConfig, device, dtype, sync, step: int) -> tuple[float, int]:

@@ -21,6 +21,7 @@ from ..version import __version__
 from . import data as data_mod
 from .models import count_all, load_model, model_folder, resolve_device, resolve_model, set_threads, sha256_file
 from .packing import pack, padding_report
+from .progress import forward_progress
 from .errors import RecipeError
 from .recipe import Recipe
 from .tasks import TASK_CLASSES, Task
@@ -205,8 +206,15 @@ class Prepared:
         self.quantize(model)
         return model
 
-    def evaluate(self, model, examples):
-        return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+    def evaluate(self, model, examples, desc: str | None = None, log: Callable[[str], None] | None = None):
+        """The task's metrics and predictions on `examples`; with `desc`, progress and an ETA on stderr."""
+        if desc is None or not examples:
+            return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+        batches = -(-len(examples) // self.recipe.eval_batch_size)
+        answers = getattr(self.task, "answer_ids", [])
+        passes = 1 if getattr(self.task, "single_token", True) else 1 + len(answers)
+        with forward_progress(model, batches * passes, desc, log or stderr_log):
+            return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
 
     def split_info(self) -> dict[str, Any]:
         return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,

@@ -139,8 +139,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"**Truncated:** {cut.removeprefix('truncation: ')}.", ""] if cut else []
     lines += ["## Held-out test split", "", "| model | " + " | ".join(r["metric_names"]) + " |",
               "|---|" + "---|" * len(r["metric_names"])]
+    k, n = r["checks"].get("merged_examples"), r["data"]["sizes"]["test"]
+    merged_label = "after, merged (merge_and_unload)" + (f", first {k} of {n} examples" if k and k < n else "")
     for label, key in (("before training (base model)", "before"), ("after LoRA training", "after"),
-                       ("after, merged (merge_and_unload)", "merged")):
+                       (merged_label, "merged")):
         if key in r["test"]:
             lines.append(f"| {label} | " + " | ".join(_fmt(r["test"][key].get(m)) for m in r["metric_names"]) + " |")
     lines.append("")
@@ -169,10 +171,11 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{q['merge']['delta_rms']:.3g})")
         lines.append("")
     c = r["checks"]
-    lines += ["## Checks", "",
-              f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
+    merged = (f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
               f"{c.get('merged_compared', 'test predictions')} identical: {c['merged_predictions_equal']} "
-              f"({c['merged_prediction_differences']} differ)",
+              f"({c['merged_prediction_differences']} differ)") if c.get("merged_predictions_equal") is not None \
+        else "- merged model: not checked (--no-merge-check)"
+    lines += ["## Checks", "", merged,
               f"- saved adapter reloaded into a fresh base model: max |logit diff| = "
               f"{c['reload_max_abs_diff']:.3g}"]
     lines += _coverage_lines(r.get("verify")) + [""]
