@@ -559,3 +559,30 @@ def test_full_merge_check_compares_every_test_prediction(tiny, tmp_path):
     assert report["checks"]["merged_predictions_equal"]
     with pytest.raises(RecipeError, match="merge_check must be one of quick, full, off"):
         run_train(load_recipe(None, recipe_fields(*tiny, out=str(tmp_path / "x"))), merge_check="fast")
+
+
+# ---------------------------------------------------------------------- item 13: --epochs, TensorBoard
+def test_epochs_decide_the_steps(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, save_every=0, grad_accum=2) + ["--epochs", "1.5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    train_n = report["data"]["sizes"]["train"]
+    per_epoch = (train_n // 4) / 2  # whole batches of 4, two a step
+    assert report["training"]["steps"] == math.ceil(1.5 * per_epoch) == len(report["training"]["history"])
+    assert report["recipe"]["epochs"] == 1.5 and report["recipe"]["steps"] == report["training"]["steps"]
+    assert f"epochs 1.5: {report['training']['steps']} steps" in capsys.readouterr().err
+
+
+def test_tensorboard_event_files_hold_the_run(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out, steps=4, eval_every=2, save_every=0) + ["--tensorboard"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(h["step"], pytest.approx(h["loss"])) for h in report["training"]["history"]]
+    assert [e.step for e in events.Scalars("val/loss")] == [e["step"] for e in report["training"]["evals"]]
+    test = {e.step: e.value for e in events.Scalars("test/accuracy")}
+    assert test == {0: pytest.approx(report["test"]["before"]["accuracy"]), 4: pytest.approx(report["test"]["after"]["accuracy"])}

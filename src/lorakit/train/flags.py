@@ -34,6 +34,8 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0: off)"),
     ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = ratio x lr (paper: 16; 0: off)"),
     ("--steps", "steps", int, "optimizer steps"),
+    ("--epochs", "epochs", float, "passes over the training split instead of --steps (may be fractional: steps = "
+                                  "ceil(epochs x batches per epoch / grad_accum))"),
     ("--batch-size", "batch_size", int, "examples per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--max-length", "max_length", int, "tokens per example (per block for --task text; up to the model's limit)"),

@@ -18,6 +18,8 @@ with several processes it trains data-parallel (see `distributed`), rank 0 writi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import math
 import shlex
 import signal
 import time
@@ -50,6 +52,7 @@ from .recipe import Recipe
 from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
 from .stats import classification_summary
+from .tblog import TensorBoardLog
 from .tasks import TaskLoss
 from .truncation import truncation_message
 
@@ -86,6 +89,8 @@ class Run:
     stop: GracefulStop | None = None
     eval_before: bool = True  # score the base model on the test split first (--no-eval-before: skip)
     merge_check: str = "quick"  # quick: a few test batches | full: the whole test split | off
+    tensorboard: bool = False
+    tb: TensorBoardLog | None = None
 
     @property
     def out(self) -> Path:
@@ -115,7 +120,7 @@ class Run:
 
 def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume: str | Path | None = None,
               stop_after: int | None = None, overwrite: bool = False, eval_before: bool = True,
-              merge_check: str = "quick") -> dict[str, Any] | None:
+              merge_check: str = "quick", tensorboard: bool = False) -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
     Args:
@@ -128,6 +133,7 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             report then has no gain).
         merge_check: "quick" (merged vs unmerged logits and predictions on the first two evaluation
             batches of the test split), "full" (the whole test split) or "off".
+        tensorboard: also write TensorBoard event files to `OUT/tensorboard` (`tblog`).
         overwrite: allow an output folder that holds a previous run (`report.json`,
             `checkpoints/` or `adapter/`); its files are replaced as the new run writes them, and
             files the new run does not write (a `merged/` folder, say) stay. Without it such a
@@ -149,8 +155,10 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
     device = resolve_device(recipe.device, recipe.precision)
     if merge_check not in MERGE_CHECKS:
         raise RecipeError(f"merge_check must be one of {', '.join(MERGE_CHECKS)}, got {merge_check!r}")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RecipeError("--tensorboard needs the tensorboard package: pip install tensorboard")
     run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after, eval_before=eval_before,
-              merge_check=merge_check)
+              merge_check=merge_check, tensorboard=tensorboard)
     if world is not None:
         run.dist = dist_mod.Distributed(world, recipe.parallel, device[0])
         device = (run.dist.device, device[1])
@@ -162,6 +170,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             lock.acquire()
         return _stages(run, threads, device)
     finally:
+        if run.tb is not None:
+            run.tb.close()
         if lock is not None:
             lock.release()
         if run.dist is not None:
@@ -257,6 +267,8 @@ def _load(run: Run, threads: int | None, device) -> None:
                           "micro-batch "
                           f"(batch_size {recipe.batch_size} x {run.shards} processes)")
     run.plan = plan(run.model, prep.config)  # a target that matches nothing fails now, not after the evaluation
+    if recipe.epochs is not None:
+        _steps_from_epochs(run)
     run.checks["truncation"] = prep.truncation()
     if (message := truncation_message(run.checks["truncation"])) is not None:
         run.log(message)
@@ -275,6 +287,18 @@ def _load(run: Run, threads: int | None, device) -> None:
         run.log(f"the checkpoint was trained by {run.shards} processes: each process here takes "
                 f"{run.shards // run.world_size} "
                 f"of the {run.shards} slices of every global micro-batch, one after the other (same global batch)")
+
+
+def _steps_from_epochs(run: Run) -> None:
+    """`epochs` -> `steps`: whole global micro-batches per pass over the training split (a short last one
+    is dropped), `grad_accum` of them a step."""
+    recipe = run.recipe
+    per_epoch = data_mod.batches_per_epoch(len(run.prep.train_items), run.global_micro) / recipe.grad_accum
+    steps = max(1, math.ceil(recipe.epochs * per_epoch - 1e-9))
+    run.recipe = recipe.replace(steps=steps)
+    n = len(run.prep.train_items)
+    run.log(f"epochs {recipe.epochs:g}: {steps} steps ({per_epoch:g} steps per pass over the {n} training "
+            f"{'rows' if recipe.packing else 'examples'})")
 
 
 def _evaluate_before(run: Run) -> None:
@@ -383,6 +407,10 @@ def _train(run: Run) -> None:
                           grad_accum=recipe.grad_accum * (run.shards // run.world_size), eval_every=recipe.eval_every,
                           log_every=max(1, min(10, recipe.steps // 8)), loraplus_ratio=recipe.loraplus_ratio,
                           save_every=recipe.checkpoint_every, stop_after=run.stop_after)
+    if run.tensorboard and run.is_main:
+        run.tb = TensorBoardLog(run.out / "tensorboard")
+        loop_cfg.on_step = run.tb.step
+        run.log(f"TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.writer = CheckpointWriter(run.out, resumed_from=run.ckpt.folder if run.ckpt is not None else None)
     wants_checkpoints = recipe.checkpoint_every > 0 or run.stop_after is not None
     if run.ckpt is not None:
@@ -413,7 +441,10 @@ def _validation(run: Run, forward_model):
     """The validation loss as the loop calls it; under FSDP2 inside the root module's forward, which
     gathers the parameters it holds (the embeddings, the final norm, the head)."""
     def validate(model):
-        return run.prep.evaluate(model, run.prep.splits.val)[0]
+        metrics = run.prep.evaluate(model, run.prep.splits.val)[0]
+        if run.tb is not None:
+            run.tb.metrics("val", metrics)
+        return metrics
 
     if run.recipe.parallel == "fsdp2" and run.dist is not None:
         return lambda: forward_model(evaluate=validate)
@@ -461,6 +492,9 @@ def _evaluate_after(run: Run) -> None:
     if run.recipe.task == "instruct":
         run.samples = [{**s, "after": a} for s, a in zip(run.samples, _samples(run.prep, run.model, "after"))]
     run.timings["eval_after_seconds"] = time.perf_counter() - t
+    if run.tb is not None:
+        run.tb.metrics("test", run.before, step=0)
+        run.tb.metrics("test", run.checks["after"])
     run.log("after: " + _summary(run.checks["after"]))
 
 
@@ -474,7 +508,7 @@ def _save(run: Run) -> None:
     if prep.qera is not None:  # one adapter = trained + correction, exact: it loads on a plain NF4 base
         fold_corrections(run.model)
     save_adapter(run.model, run.adapter_dir)
-    info = {"lorakit_version": __version__, "recipe": prep.saved_recipe(), "model": prep.model_info(),
+    info = {"lorakit_version": __version__, "recipe": prep.saved_recipe(run.recipe), "model": prep.model_info(),
             "data": prep.split_info(), "task": prep.task.describe(), "test_metrics": run.checks["after"],
             "environment": {"device": str(prep.device), "precision": "bf16" if prep.dtype is not None else "fp32"}}
     write_json(run.adapter_dir / TRAIN_INFO, info)

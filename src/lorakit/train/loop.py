@@ -52,6 +52,7 @@ class LoopConfig:
     loraplus_ratio: float = 0.0  # LoRA+: B's learning rate = ratio x lr (0: one group at lr)
     save_every: int = 0  # call `checkpoint` every N steps and after the last step (0: never)
     stop_after: int | None = None  # stop after this step (with a checkpoint when `checkpoint` is given)
+    on_step: Callable[[dict[str, float]], None] | None = None  # called with each step's history record
 
 
 @dataclass
@@ -174,6 +175,8 @@ def _record_step(result: LoopResult, step: int, seconds: float, cpu_seconds: flo
 def _show_step(bar, log: Callable[[str], None], is_main: bool, config: LoopConfig, result: LoopResult) -> None:
     """Advance the progress bar; without one (not a terminal), log every `log_every` steps."""
     h = result.history[-1]
+    if config.on_step is not None:
+        config.on_step(h)
     bar.update(1)
     bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}")
     step = h["step"]

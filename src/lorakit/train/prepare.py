@@ -223,14 +223,16 @@ class Prepared:
                 **{f"{split}_file": {"path": data_mod.absolute_spec(ds.name), "sha256": data_mod.spec_sha256(ds.name)}
                    for split, ds in self.held_out.items()}}
 
-    def saved_recipe(self) -> dict[str, Any]:
-        """The recipe as saved with the run: data and model paths absolute, so `lorakit eval` and
-        `lorakit merge` work from any folder."""
+    def saved_recipe(self, recipe: Recipe | None = None) -> dict[str, Any]:
+        """The recipe (default: this one; a job passes its own when `epochs` decided the steps) as saved
+        with the run: data and model paths absolute, so `lorakit eval` and `lorakit merge` work from
+        any folder."""
+        recipe = recipe or self.recipe
         builtin = self.source.name != str(self.source.path)  # a built-in name stays a name
-        model = self.recipe.model if builtin else str(self.source.path.resolve())
-        paths = {k: data_mod.absolute_spec(getattr(self.recipe, k)) for k in ("data", "test_data", "val_data")
-                 if getattr(self.recipe, k)}
-        return {**self.recipe.to_dict(), **paths, "model": model}
+        model = recipe.model if builtin else str(self.source.path.resolve())
+        paths = {k: data_mod.absolute_spec(getattr(recipe, k)) for k in ("data", "test_data", "val_data")
+                 if getattr(recipe, k)}
+        return {**recipe.to_dict(), **paths, "model": model}
 
     def model_info(self) -> dict[str, Any]:
         info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path.resolve()),

@@ -67,9 +67,12 @@ class Recipe:
             cosine / linear decay to 0 (or constant); gradient clipping by global norm (0: off).
         loraplus_ratio: LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's learning rate is this
             many times `lr` (the paper uses 16; `lorakit.loraplus_param_groups`); 0: off.
-        steps: optimizer steps; batch_size: examples per micro-batch (per process: with N processes
-            a step sees `batch_size * grad_accum * N` examples); grad_accum: micro-batches per step.
-        max_length: tokens per example (longer prompts lose their start; responses their end).
+        steps: optimizer steps (`epochs`, when set, decides them: passes over the training split,
+            `ceil(epochs x batches per epoch / grad_accum)`); batch_size: examples per micro-batch
+            (per process: with N processes a step sees `batch_size * grad_accum * N` examples);
+            grad_accum: micro-batches per step.
+        max_length: tokens per example (cut by the task's rule: a document keeps its start, an
+            instruction prompt its end; `lorakit.train.truncation`).
         eval_every: validation every N steps (0: only at the start and the end).
         eval_batch_size: examples per evaluation batch (recorded: results depend on batching only in
             the last float bits, and `lorakit eval` repeats it exactly).
@@ -129,6 +132,7 @@ class Recipe:
     grad_clip: float = 1.0
     loraplus_ratio: float = 0.0
     steps: int = 40
+    epochs: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 96
@@ -184,6 +188,9 @@ class Recipe:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size",
                      "calibration_size"):
             _int(name, getattr(self, name), minimum=1)
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float))
+                                        or not 0 < self.epochs < 1e6):
+            raise RecipeError(f"recipe field 'epochs' must be a number > 0 (or null: use steps), got {self.epochs!r}")
         for name in ("warmup_steps", "eval_every", "seed", "split_seed", "qera_rank"):
             _int(name, getattr(self, name), minimum=0)
         if self.threads is not None:
