@@ -586,3 +586,40 @@ def test_tensorboard_event_files_hold_the_run(tiny, tmp_path):
     assert [e.step for e in events.Scalars("val/loss")] == [e["step"] for e in report["training"]["evals"]]
     test = {e.step: e.value for e in events.Scalars("test/accuracy")}
     assert test == {0: pytest.approx(report["test"]["before"]["accuracy"]), 4: pytest.approx(report["test"]["after"]["accuracy"])}
+
+
+# ---------------------------------------------------------------------- item 6: memory estimated before the work
+def test_a_step_that_cannot_fit_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    import lorakit.train.job as job
+
+    monkeypatch.setattr(job, "available_bytes", lambda device: 2**20)  # a machine with 1 MiB free
+    out = tmp_path / "run"
+    assert cli.main(_train_argv(tiny, out)) == 2
+    err = capsys.readouterr().err
+    assert "[lorakit] evaluating the base model on" not in err
+    line = [x for x in err.splitlines() if x.startswith("lorakit train: error:")]
+    assert len(line) == 1 and "a training step needs about" in line[0] and "but 0.0 GiB are available" in line[0]
+    assert "lower it with --batch-size (with --grad-accum to keep the batch), --max-length, --gradient-checkpointing " \
+           "on, --quantize nf4; --no-memory-check runs it anyway" in line[0]
+    assert not out.exists()
+    assert cli.main(_train_argv(tiny, out, save_every=0) + ["--no-memory-check"]) == 0
+    assert "[lorakit] warning: a training step needs about" in capsys.readouterr().err
+
+
+def test_the_estimate_counts_lora_optimizer_and_activations(tiny, tmp_path):
+    from transformers import AutoConfig
+
+    report = run_train(load_recipe(None, recipe_fields(*tiny, steps=1, save_every=0, out=str(tmp_path / "run"))),
+                       log=QUIET)
+    est = report["memory"]["estimate"]
+    cfg = AutoConfig.from_pretrained(tiny[0])
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q = 8 * (cfg.hidden_size + cfg.hidden_size)  # r x (in + out)
+    v = 8 * (cfg.hidden_size + cfg.num_key_value_heads * head_dim)
+    lora = cfg.num_hidden_layers * (q + v)
+    assert lora == report["lora"]["trainable"]
+    assert (est["lora"], est["gradients"], est["adamw"]) == (4 * lora, 4 * lora, 8 * lora)
+    tokens = 4 * 96
+    assert est["activations"] == cfg.num_hidden_layers * 4 * tokens * (10 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    assert est["total"] == sum(est[k] for k in ("process", "lora", "gradients", "adamw", "activations", "logits"))
+    assert est["available"] > 0

@@ -114,6 +114,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "default) or all of it (full)")
     g.add_argument("--no-merge-check", dest="merge_check", action="store_const", const="off",
                    help="skip the merged-model check")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="run even when the estimated peak memory of a step is over twice what is available")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -165,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         report = run_train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
-                           eval_before=args.eval_before, merge_check=args.merge_check, tensorboard=args.tensorboard)
+                           eval_before=args.eval_before, merge_check=args.merge_check, tensorboard=args.tensorboard,
+                           memory_check=args.memory_check)
     except LoraError as exc:  # bad input or divergence: every rank says it in one line, naming itself
         if world is None or getattr(args, "debug", False):
             raise

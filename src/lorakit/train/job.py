@@ -42,6 +42,7 @@ from .checkpoint import (
     Checkpoint, CheckpointWriter, capture_rng, check_resume_recipe, earlier_checkpoint, read_checkpoint,
 )
 from .errors import CheckpointError, RecipeError, TrainingDiverged
+from .estimate import available_bytes, check_message, step_estimate
 from .interrupt import GracefulStop
 from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
@@ -91,6 +92,7 @@ class Run:
     merge_check: str = "quick"  # quick: a few test batches | full: the whole test split | off
     tensorboard: bool = False
     tb: TensorBoardLog | None = None
+    memory_check: bool = True  # estimate a step's peak memory before any work; refuse at 2x what is available
 
     @property
     def out(self) -> Path:
@@ -120,7 +122,8 @@ class Run:
 
 def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume: str | Path | None = None,
               stop_after: int | None = None, overwrite: bool = False, eval_before: bool = True,
-              merge_check: str = "quick", tensorboard: bool = False) -> dict[str, Any] | None:
+              merge_check: str = "quick", tensorboard: bool = False,
+              memory_check: bool = True) -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
     Args:
@@ -133,6 +136,8 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             report then has no gain).
         merge_check: "quick" (merged vs unmerged logits and predictions on the first two evaluation
             batches of the test split), "full" (the whole test split) or "off".
+        memory_check: estimate a training step's peak memory after the model loads (`estimate`); warn
+            when it exceeds the available memory, raise `RecipeError` at twice it (False: warn only).
         tensorboard: also write TensorBoard event files to `OUT/tensorboard` (`tblog`).
         overwrite: allow an output folder that holds a previous run (`report.json`,
             `checkpoints/` or `adapter/`); its files are replaced as the new run writes them, and
@@ -158,7 +163,7 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RecipeError("--tensorboard needs the tensorboard package: pip install tensorboard")
     run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after, eval_before=eval_before,
-              merge_check=merge_check, tensorboard=tensorboard)
+              merge_check=merge_check, tensorboard=tensorboard, memory_check=memory_check)
     if world is not None:
         run.dist = dist_mod.Distributed(world, recipe.parallel, device[0])
         device = (run.dist.device, device[1])
@@ -269,6 +274,7 @@ def _load(run: Run, threads: int | None, device) -> None:
     run.plan = plan(run.model, prep.config)  # a target that matches nothing fails now, not after the evaluation
     if recipe.epochs is not None:
         _steps_from_epochs(run)
+    _check_memory(run)
     run.checks["truncation"] = prep.truncation()
     if (message := truncation_message(run.checks["truncation"])) is not None:
         run.log(message)
@@ -287,6 +293,23 @@ def _load(run: Run, threads: int | None, device) -> None:
         run.log(f"the checkpoint was trained by {run.shards} processes: each process here takes "
                 f"{run.shards // run.world_size} "
                 f"of the {run.shards} slices of every global micro-batch, one after the other (same global batch)")
+
+
+def _check_memory(run: Run) -> None:
+    """A training step's peak memory, estimated before any work, against what the machine has."""
+    recipe, prep = run.recipe, run.prep
+    on = want_checkpointing(recipe.gradient_checkpointing, recipe.batch_size * recipe.max_length) \
+        and recipe.task != "classify-head"
+    estimate = step_estimate(run.model, run.plan, recipe, on, prep.device)
+    available = available_bytes(prep.device)
+    run.checks["estimate"] = {**estimate, "available": available}
+    found = check_message(estimate, available, recipe)
+    if found is None:
+        return
+    message, refuse = found
+    if refuse and run.memory_check:
+        raise RecipeError(message)
+    run.log("warning: " + message)
 
 
 def _steps_from_epochs(run: Run) -> None:
@@ -357,6 +380,7 @@ def _memory_plan(run: Run) -> None:
     on = want_checkpointing(recipe.gradient_checkpointing, tokens) and recipe.task != "classify-head"
     how = enable_checkpointing(model) if on else None
     run.checks["memory"] = {
+        "estimate": run.checks.get("estimate"),
         "gradient_checkpointing": {"mode": recipe.gradient_checkpointing, "enabled": on, "how": how,
                                    "tokens_per_micro_batch": tokens},
         "loss": "chunked cross-entropy (lorakit.ops.loss)" if recipe.task != "classify-head" else "head logits",
