@@ -623,3 +623,23 @@ def test_the_estimate_counts_lora_optimizer_and_activations(tiny, tmp_path):
     assert est["activations"] == cfg.num_hidden_layers * 4 * tokens * (10 * cfg.hidden_size + 3 * cfg.intermediate_size)
     assert est["total"] == sum(est[k] for k in ("process", "lora", "gradients", "adamw", "activations", "logits"))
     assert est["available"] > 0
+
+
+# ---------------------------------------------------------------------- item 14: analyze and a shared seed
+def test_analyze_says_when_a_similarity_reflects_a_shared_init(tiny, finished, tmp_path, capsys):
+    out1, _ = finished  # seed 0
+    same = tmp_path / "same-seed"
+    other = tmp_path / "other-seed"
+    run_train(load_recipe(None, recipe_fields(*tiny, steps=4, lr=1e-3, save_every=0, out=str(same))), log=QUIET)
+    run_train(load_recipe(None, recipe_fields(*tiny, steps=4, seed=1, save_every=0, out=str(other))), log=QUIET)
+    capsys.readouterr()
+    assert cli.main(["analyze", str(out1 / "adapter"), str(same / "adapter")]) == 0
+    md = capsys.readouterr().out
+    assert "they share their initialisation (both recorded seed 0 in lorakit_train.json)" in md
+    assert "**shared: A's similarity mostly reflects the common random init**" in md
+    assert cli.main(["analyze", str(out1 / "adapter"), str(other / "adapter"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    shared = result["similarity"]["shared_init"]
+    assert not shared["likely"] and shared["recorded_seeds"] == [0, 1]
+    assert 1.2 < shared["median_A_relative_difference"] < 1.6  # two independent Kaiming-uniform draws: ~sqrt(2)
+    assert not any("share their initialisation" in w for w in result["warnings"])
