@@ -643,3 +643,15 @@ def test_analyze_says_when_a_similarity_reflects_a_shared_init(tiny, finished, t
     assert not shared["likely"] and shared["recorded_seeds"] == [0, 1]
     assert 1.2 < shared["median_A_relative_difference"] < 1.6  # two independent Kaiming-uniform draws: ~sqrt(2)
     assert not any("share their initialisation" in w for w in result["warnings"])
+
+
+def test_validation_accuracy_is_logged_with_its_interval(tiny, tmp_path):
+    from lorakit.train.stats import wilson
+
+    logged = []
+    report = run_train(load_recipe(None, recipe_fields(*tiny, steps=2, save_every=0, out=str(tmp_path / "run"))),
+                       log=logged.append)
+    first = report["training"]["evals"][0]
+    low, high = wilson(round(first["accuracy"] * first["n"]), first["n"])
+    assert any(m.startswith("eval @ step 0:") and m.endswith(f"(accuracy 95% CI {low:.3f}-{high:.3f}, n=8)")
+               for m in logged), logged

@@ -32,6 +32,7 @@ import torch
 from ..errors import UsageError
 from .errors import TrainingDiverged
 from .progress import eta_text
+from .stats import wilson
 from .tasks import autocast
 from ..loraplus import loraplus_param_groups
 
@@ -158,6 +159,10 @@ def _evaluate(evaluate, step: int, result: LoopResult, log: Callable[[str], None
     result.eval_seconds += time.perf_counter() - t
     result.evals.append({"step": step, **metrics})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    if isinstance(metrics.get("accuracy"), float) and metrics.get("n"):  # a small validation split is uncertain
+        n = int(metrics["n"])
+        low, high = wilson(round(metrics["accuracy"] * n), n)
+        shown += f" (accuracy 95% CI {low:.3f}-{high:.3f}, n={n})"
     with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
         log(f"eval @ step {step}: {shown}")
 
