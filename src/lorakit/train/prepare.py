@@ -137,7 +137,7 @@ class Prepared:
             setattr(splits, name, list(ds.examples))
         s = splits.sizes()
         unit = "blocks" if recipe.task == "text" else "examples"
-        log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
+        log(f"task {recipe.task} on {self.dataset.name}, model {recipe.model} (recipe {recipe.name!r} and the flags): "
             f"{len(examples)} {unit} -> train {s['train']}, val {s['val']}, test {s['test']}")
         if ("test" not in held and s["test"] < recipe.test_size) or ("val" not in held and s["val"] < recipe.val_size):
             log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
