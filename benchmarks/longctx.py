@@ -5,16 +5,17 @@ projections, sdpa attention, labels = inputs, no padding):
 - `peft`: PEFT defaults, `model(input_ids, labels=...).loss` (full logits);
 - `peft_gc`: the same plus `gradient_checkpointing_enable(use_reentrant=False)` (what a PEFT +
   Trainer user turns on): the reference of the ratios;
-- `lorakit_plain`: `lorakit.inject`, plain loss, no checkpointing (the training job today);
+- `lorakit_plain`: `lorakit.inject`, plain loss, no checkpointing (the training job before issue 16);
 - `lorakit_nogc`: `inject` + the chunked loss (`lorakit.ops.loss.causal_lm_loss`), no checkpointing;
 - `lorakit`: `inject` + per-layer checkpointing (`lorakit.train.memory.enable_checkpointing`) +
-  the chunked loss;
+  the chunked loss: what `lorakit train` runs from 2,048 tokens per micro-batch (its `TaskLoss`
+  calls `causal_lm_loss`; `gradient_checkpointing: auto` switches checkpointing on there);
 - `lorakit_keepattn`: the same with selective checkpointing that keeps the attention outputs;
 - `peft_gc_mmap`: `peft_gc` with the allocator setting the lorakit configurations use.
 
 Every `lorakit*` configuration starts with `lorakit.train.memory.release_large_frees()` (glibc
 serves tensors >= 1 MiB with mmap, so freed activations leave the resident set; the training
-job would do the same); `peft` and `peft_gc` run with glibc's defaults, as a PEFT user's do.
+job does the same on the CPU); `peft` and `peft_gc` run with glibc's defaults, as a PEFT user's do.
 
 One step = forward + backward + AdamW. Peak = the process's `VmHWM` minus its RSS just before the
 step (the high-water mark is reset there through `/proc/self/clear_refs` where the kernel allows);

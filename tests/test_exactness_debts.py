@@ -255,3 +255,15 @@ def test_saving_a_new_config_over_an_old_folder_keeps_other_files(tmp_path):
     assert (folder / "README.md").read_text() == "notes" and (folder / "sub" / "x.txt").read_text() == "x"
     assert lk.read_config(folder).r == 2
     assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # no temporary version left behind
+
+
+def test_inject_into_an_eval_model_keeps_it_in_eval_mode():
+    """New wrappers take the mode of the module they replace: no dropout on an eval model's adapters."""
+    model = tiny_llama()  # in eval mode
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.3, modules_to_save=["lm_head"]))
+    randomize_lora(model)
+    assert not any(m.training for m in model.modules())
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(model, ids))
+    model.train()
+    assert all(m.training for m in model.modules())

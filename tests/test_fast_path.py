@@ -110,3 +110,27 @@ def test_fast_path_not_used_for_two_adapters_or_bf16_mismatch():
     assert model[0]._fused == "b"
     with lk.disabled(model):
         assert model[0]._fused is None
+
+
+def test_bf16_autocast_trains_and_evaluates_through_the_plain_path():
+    """Under autocast the fused node cannot accumulate in place (bf16 output, float32 B): the layer
+    takes the composed path, whose result is the float32 one to bf16 rounding."""
+    import lorakit as lk
+    from helpers import randomize_lora, tiny_llama, tokens
+
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1))
+    randomize_lora(model, std=0.05)  # an update of a trained adapter's size
+    ids = tokens()
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()

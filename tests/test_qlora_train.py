@@ -30,7 +30,8 @@ def test_qlora_sentiment_smollm2_short(tmp_path, smollm2_folder):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
     recipe = load_recipe("sentiment", {"steps": 3, "batch_size": 4, "test_size": 16, "val_size": 8, "eval_every": 0,
-                                       "eval_batch_size": 16, "max_length": 64, "quantize": "nf4", "out": str(out)})
+                                       "eval_batch_size": 16, "max_length": 64, "quantize": "nf4", "calibration_size": 16,
+                                       "out": str(out)})
     report = run_train(recipe, log=lambda m: None)
     q, bw, c = report["quantization"], report["base_weights"], report["checks"]
     assert q["layers"] == 210 and q["double_quant"] and q["bits_per_param"] <= 4.13

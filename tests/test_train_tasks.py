@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lorakit.train.tasks as T
+from lorakit.train.prepare import make_task
 from lorakit.train.recipe import Recipe
 
 from helpers import tiny_llama
@@ -54,7 +55,7 @@ def _examples(n=12):
 def test_classify_lm_single_token_and_general_scoring_agree(tiny_with_real_tokenizer):
     model, tok = tiny_with_real_tokenizer
     ex = _examples()
-    task = T.make_task(Recipe(), tok, ex)
+    task = make_task(Recipe(), tok, ex)
     assert task.single_token and task.words == ["negative", "positive"]
     fast, fast_pred = task.evaluate(model, ex, 5, torch.device("cpu"))
     task.single_token = False  # force the per-answer log-likelihood path
@@ -66,7 +67,7 @@ def test_classify_lm_single_token_and_general_scoring_agree(tiny_with_real_token
 
 def test_classify_lm_prompt_ends_with_sentiment_and_trains_on_the_answer_only(tiny_with_real_tokenizer):
     _, tok = tiny_with_real_tokenizer
-    task = T.make_task(Recipe(), tok, _examples())
+    task = make_task(Recipe(), tok, _examples())
     assert task.prompt("great").endswith("Sentiment:")
     batch = task.batch(_examples(2), torch.device("cpu"))
     supervised = batch["labels"][batch["labels"] != T.IGNORE].tolist()
@@ -75,7 +76,7 @@ def test_classify_lm_prompt_ends_with_sentiment_and_trains_on_the_answer_only(ti
 
 def test_classify_lm_truncates_the_prompt_start_and_keeps_the_answer(tiny_with_real_tokenizer):
     _, tok = tiny_with_real_tokenizer
-    task = T.make_task(Recipe(max_length=12), tok, _examples())
+    task = make_task(Recipe(max_length=12), tok, _examples())
     batch = task.batch([{"text": "word " * 50, "label": "positive"}], torch.device("cpu"))
     assert batch["input_ids"].shape[1] == 12
     assert tok.decode(batch["input_ids"][0, -4:-1]).endswith("Sentiment:")
@@ -85,18 +86,18 @@ def test_classify_lm_truncates_the_prompt_start_and_keeps_the_answer(tiny_with_r
 def test_label_words_map_integer_labels(tiny_with_real_tokenizer):
     _, tok = tiny_with_real_tokenizer
     ex = [{"text": f"t{i}", "label": i % 2} for i in range(6)]
-    task = T.make_task(Recipe(data="x.csv", label_words={"0": "bad", "1": "good"}), tok, ex)
+    task = make_task(Recipe(data="x.csv", label_words={"0": "bad", "1": "good"}), tok, ex)
     assert task.words == ["bad", "good"] and "Answer with one of: bad, good." in task.prompt("t")
 
 
 def test_instruct_supervises_the_response_only(tiny_with_real_tokenizer):
     _, tok = tiny_with_real_tokenizer
-    task = T.make_task(Recipe(task="instruct", data="chatterbot", max_length=128), tok, [])
+    task = make_task(Recipe(task="instruct", data="chatterbot", max_length=128), tok, [])
     ex = {"prompt": "What is AI?", "response": "The study of thinking machines."}
     ids, labels = task.encode(ex)
     answer = tok.decode([t for t in labels if t != T.IGNORE])
     prompt = tok.decode([t for t, l in zip(ids, labels) if l == T.IGNORE])
     assert answer.startswith("The study of thinking machines.") and "<|im_end|>" in answer
     assert "What is AI?" in prompt and "thinking" not in prompt
-    short_ids, short_labels = T.make_task(Recipe(task="instruct", data="chatterbot", max_length=20), tok, []).encode(ex)
+    short_ids, short_labels = make_task(Recipe(task="instruct", data="chatterbot", max_length=20), tok, []).encode(ex)
     assert len(short_ids) == 20 and short_labels[-1] != T.IGNORE

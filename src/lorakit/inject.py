@@ -377,6 +377,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     for path, module in p.targets:
         layer = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
         if layer is not module:
+            layer.train(module.training)  # a new module starts in training mode: take the replaced module's
             replace_module(inner, path, layer)
         key = p.config_key(path)
         extra = {"parameters": p.parameters[path]} if path in p.parameters else {}
@@ -396,6 +397,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         if wrapper is not module:
+            wrapper.train(module.training)
             replace_module(inner, path, wrapper)
         wrapper.add_adapter(adapter)
 

@@ -62,7 +62,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused
-        if name is None or self._mixed is not None or args or kwargs:
+        if name is None or self._mixed is not None or args or kwargs or torch.is_autocast_enabled(x.device.type):
+            # autocast: the fused node's in-place accumulation would mix the autocast and adapter dtypes
             return super().forward(x, *args, **kwargs)
         table_a, table_b, base = self._tables
         A, w = table_a[name], base["weight"]

@@ -63,7 +63,8 @@ _STEP_RE = re.compile(r"^step-(\d{6,})$")
 
 # Recipe fields a resumed run may change: they do not change the optimisation's numbers
 # (`steps` re-stretches the learning-rate schedule; see docs/training.md).
-RESUME_MAY_CHANGE = ("name", "out", "steps", "eval_every", "eval_batch_size", "threads", "save_every", "parallel")
+RESUME_MAY_CHANGE = ("name", "out", "steps", "eval_every", "eval_batch_size", "threads", "save_every", "parallel",
+                     "gradient_checkpointing")  # checkpointing recomputes the same values: it may change
 
 
 def step_name(step: int) -> str:

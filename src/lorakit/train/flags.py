@@ -11,8 +11,9 @@ from .recipe import load_recipe
 # flag -> (recipe field, type); None type: a string
 _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "built-in model (smollm2, minilm), HF model folder, or .gguf file"),
-    ("--task", "task", str, "classify-lm | classify-head | instruct"),
-    ("--data", "data", str, "built-in data (rotten-tomatoes, chatterbot) or a .jsonl/.csv file"),
+    ("--task", "task", str, "classify-lm | classify-head | instruct | text"),
+    ("--data", "data", str, "built-in data (rotten-tomatoes, chatterbot, hamlet) or a .jsonl/.csv file; for --task "
+                            "text: .txt/.jsonl files (comma-separated) or a folder of .txt files"),
     ("--text-field", "text_field", str, "classification text column (default: text)"),
     ("--label-field", "label_field", str, "classification label column: strings or integers (default: label)"),
     ("--prompt-field", "prompt_field", str, "instruction prompt column (default: prompt)"),
@@ -30,7 +31,9 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--steps", "steps", int, "optimizer steps"),
     ("--batch-size", "batch_size", int, "examples per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--max-length", "max_length", int, "tokens per example"),
+    ("--max-length", "max_length", int, "tokens per example (per block for --task text; up to the model's limit)"),
+    ("--gradient-checkpointing", "gradient_checkpointing", str,
+     "auto (on from 2048 tokens per micro-batch) | on | off: recompute each layer in backward"),
     ("--eval-every", "eval_every", int, "validate every N steps (0: start and end only)"),
     ("--eval-batch-size", "eval_batch_size", int, "examples per evaluation batch"),
     ("--seed", "seed", int, "seed of LoRA init, head init and data order"),
@@ -67,6 +70,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser, positional: bool = True, sk
             metavar = None if typ is str else field.upper()
             g.add_argument(flag, dest=prefix + field, type=typ, default=None, help=help_, metavar=metavar)
     g.add_argument("--label-words", metavar="L=W,...", help="label -> answer word, e.g. 0=negative,1=positive")
+    g.add_argument("--packing", dest="field_packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="instruct: pack several examples into each max-length row (each attends only to itself)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field (VALUE read as YAML), e.g. --set lora.use_rslora=true; repeatable")
 

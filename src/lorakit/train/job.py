@@ -39,13 +39,16 @@ from .checkpoint import (
 from .errors import CheckpointError, RecipeError, TrainingDiverged
 from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
-from .prepare import Prepared, stderr_log
+from .memory import enable_checkpointing, release_large_frees, want_checkpointing
+from .prepare import Prepared, load_data, stderr_log
 from .recipe import Recipe
 from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
+from .tasks import TaskLoss
 
 RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
 SAMPLE_PROMPTS = 3
+LOSS_TASKS = ("instruct", "text")  # scored by held-out loss / perplexity rather than accuracy
 
 
 @dataclass
@@ -194,7 +197,7 @@ def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: i
     _checks(recipe, resume, world_size, overwrite)
     resolve_device(recipe.device, recipe.precision)
     resolve_model(recipe.model)
-    data_mod.load_dataset(recipe)
+    load_data(recipe)
 
 
 def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:
@@ -209,6 +212,8 @@ def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:
 def _load(run: Run, threads: int | None, device) -> None:
     """Model, data split, quantization; on resume, the checks against the checkpoint."""
     recipe, ckpt = run.recipe, run.ckpt
+    if device[0].type == "cpu":
+        run.checks["allocator"] = release_large_frees()  # freed activations leave the resident set
     run.prep = prep = Prepared(recipe, run.log, threads=threads, device=device, correct=True)
     run.model = prep.model
     run.timings["load_seconds"] = time.perf_counter() - run.t_start
@@ -268,6 +273,7 @@ def _adapt(run: Run) -> None:
         raise CheckpointError(f"checkpoint {run.ckpt.folder} does not fit this model: trainable tensor "
                               f"{mismatch[0]!r} here, "
                               f"{mismatch[1]!r} in the checkpoint")
+    _memory_plan(run)
     trainable, total = run.checks["counts"] = count_parameters(model)
     run.log(f"LoRA r={config.r} alpha={config.alpha} on {len(run.plan.targets)} modules: {trainable:,} trainable of "
             f"{total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -277,12 +283,32 @@ def _adapt(run: Run) -> None:
                 f"{recipe.grad_accum} micro-batches x {run.world_size})")
 
 
+def _memory_plan(run: Run) -> None:
+    """Activation checkpointing per `gradient_checkpointing` (before any DDP/FSDP2 wrapper), logged and recorded."""
+    recipe, model = run.recipe, run.model
+    tokens = recipe.batch_size * recipe.max_length
+    on = want_checkpointing(recipe.gradient_checkpointing, tokens) and recipe.task != "classify-head"
+    how = enable_checkpointing(model) if on else None
+    run.checks["memory"] = {
+        "gradient_checkpointing": {"mode": recipe.gradient_checkpointing, "enabled": on, "how": how,
+                                   "tokens_per_micro_batch": tokens},
+        "loss": "chunked cross-entropy (lorakit.ops.loss)" if recipe.task != "classify-head" else "head logits",
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "allocator_release_large_frees": run.checks.get("allocator", False),
+        "padding": run.prep.padding(),
+    }
+    pad = run.checks["memory"]["padding"]
+    run.log(f"memory: activation checkpointing {'on' if on else 'off'} ({recipe.gradient_checkpointing}, {tokens} "
+            f"tokens per micro-batch), chunked loss, {run.checks['memory']['attention']} attention"
+            + (f"; padding {100 * pad['padding']:.1f}% of the training tokens" if pad else ""))
+
+
 # ---------------------------------------------------------------------- train
 def _local_batches(run: Run):
-    """Global micro-batches of `batch_size x shards`; this process takes its shards of each."""
+    """Global micro-batches of `batch_size x shards` (examples, or packed rows); this process takes its shards."""
     per_rank, b = run.shards // run.world_size, run.recipe.batch_size
     consumed = run.ckpt.step * run.recipe.grad_accum if run.ckpt is not None else 0
-    for micro in data_mod.batches(run.prep.splits.train, run.global_micro, run.recipe.seed, start=consumed):
+    for micro in data_mod.batches(run.prep.train_items, run.global_micro, run.recipe.seed, start=consumed):
         for j in range(run.rank * per_rank, (run.rank + 1) * per_rank):
             yield run.prep.task.batch(micro[j * b:(j + 1) * b], run.prep.device)
 
@@ -320,12 +346,13 @@ def _train(run: Run) -> None:
         run.ckpt.restore_rng(run.rank, run.world_size)
     else:
         torch.manual_seed(recipe.seed)
-    forward_model = run.dist.wrap(run.model) if run.dist is not None else run.model
+    loss_model = TaskLoss(prep.task, run.model)  # the loss as a forward that DDP / FSDP2 see
+    forward_model = run.dist.wrap(loss_model) if run.dist is not None else loss_model
     t = time.perf_counter()
     try:
-        run.result = train(forward_model, prep.task.loss, _local_batches(run), loop_cfg, device=prep.device,
+        run.result = train(forward_model, _call, _local_batches(run), loop_cfg, device=prep.device,
                            dtype=prep.dtype,
-                           evaluate=lambda: prep.evaluate(run.model, prep.splits.val)[0], log=run.log,
+                           evaluate=_validation(run, forward_model), log=run.log,
                            resume=run.ckpt.loop_state() if run.ckpt is not None else None,
                            checkpoint=_checkpoint_saver(run) if wants_checkpoints else None, sync=run.dist)
     except TrainingDiverged as exc:
@@ -334,6 +361,21 @@ def _train(run: Run) -> None:
                  else "no checkpoint was written")
         raise TrainingDiverged(f"training stopped: {exc}; {where}") from None
     run.timings["train_seconds"] = time.perf_counter() - t
+
+
+def _validation(run: Run, forward_model):
+    """The validation loss as the loop calls it; under FSDP2 inside the root module's forward, which
+    gathers the parameters it holds (the embeddings, the final norm, the head)."""
+    def validate(model):
+        return run.prep.evaluate(model, run.prep.splits.val)[0]
+
+    if run.recipe.parallel == "fsdp2" and run.dist is not None:
+        return lambda: forward_model(evaluate=validate)
+    return lambda: validate(run.model)
+
+
+def _call(loss_model, batch):
+    return loss_model(batch)
 
 
 def _leave_group(run: Run) -> bool:
@@ -406,7 +448,7 @@ def _merge_check(run: Run) -> None:
     run.checks["merged_logits"] = prep.task.probe(merged_model, probe, prep.device, prep.dtype)
     run.checks["merged"], merged_preds = prep.evaluate(merged_model, test)
     preds = run.checks["preds"]
-    if run.recipe.task == "instruct":  # "predictions" are per-example losses: equal to float rounding
+    if run.recipe.task in LOSS_TASKS:  # "predictions" are per-example losses: equal to float rounding
         run.checks["compared"] = "per-example test losses (|diff| <= 1e-4)"
         diffs = sum(abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(preds, merged_preds))
     else:
@@ -438,7 +480,7 @@ def _report(run: Run) -> dict[str, Any]:
     report: dict[str, Any] = {
         "recipe": recipe.to_dict(), "model": c["info"]["model"], "data": c["info"]["data"],
         "task": prep.task.describe(),
-        "metric_names": ["loss", "perplexity"] if recipe.task == "instruct" else ["accuracy", "loss"],
+        "metric_names": ["loss", "perplexity"] if recipe.task in LOSS_TASKS else ["accuracy", "loss"],
         "test": {"before": run.before, "after": c["after"], "merged": c["merged"]},
         "lora": {"config": config.to_peft_dict(), "targets": config.target_modules,
                  "adapted_modules": len(run.plan.targets),
@@ -459,6 +501,7 @@ def _report(run: Run) -> dict[str, Any]:
         "adapter": {"path": str(run.adapter_dir),
                     "bytes": sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())},
         "verify": c["verify"],
+        "memory": c["memory"],
         "base_weights": prep.base_weights, "quantization": prep.quantization, "timings": run.timings,
         "environment": prep.environment(),
     }

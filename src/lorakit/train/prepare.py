@@ -20,13 +20,30 @@ from ..quant.qera import qera_quantize
 from ..version import __version__
 from . import data as data_mod
 from .models import count_all, load_model, resolve_device, resolve_model, set_threads, sha256_file
+from .packing import pack, padding_report
+from .errors import RecipeError
 from .recipe import Recipe
-from .tasks import make_task
+from .tasks import TASK_CLASSES, Task
+from .text import TextTask, block_dataset, document_dataset
+
+TASKS = {**TASK_CLASSES, TextTask.name: TextTask}
 
 
 def stderr_log(msg: str) -> None:
     """The job's default log: one line on stderr."""
     print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
+
+
+def load_data(recipe: Recipe) -> data_mod.Dataset:
+    """The data `recipe` names, checked (for the text task: its documents, before they become blocks)."""
+    if recipe.task == "text":
+        return document_dataset(recipe.data, recipe.text_field)
+    return data_mod.load_dataset(recipe)
+
+
+def make_task(recipe: Recipe, tokenizer, examples) -> Task:
+    """The task object of `recipe.task`, set up from the tokenizer and all examples (for the label set)."""
+    return TASKS[recipe.task](recipe, tokenizer, examples)
 
 
 def lora_config_for(recipe: Recipe, model_name: str) -> LoraConfig:
@@ -49,29 +66,24 @@ class Prepared:
         self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
         self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
         self.config = lora_config_for(recipe, self.source.name)  # the run's one LoraConfig
-        self.dataset = data_mod.load_dataset(recipe)
-        if self.dataset.skipped:
-            log(f"skipped {self.dataset.skipped} rows with an empty text/prompt/response")
-        self.splits = data_mod.split(self.dataset.examples, recipe.test_size, recipe.val_size, recipe.split_seed)
-        s = self.splits.sizes()
-        log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
-            f"{len(self.dataset.examples)} examples -> train {s['train']}, val {s['val']}, test {s['test']}")
-        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
-            log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
-                f"{recipe.val_size}): "
-                f"they take at most 20% and 10% of the {len(self.dataset.examples)} examples")
+        data = load_data(recipe)  # bad data fails here too (the text task's blocks need the tokenizer)
+        if data.skipped:
+            log(f"skipped {data.skipped} rows with an empty text/prompt/response")
         if os.environ.get("LORAKIT_BUSY_CPU"):
             log(f"the CPU was busy at start (load average {os.environ['LORAKIT_BUSY_CPU']}): running with "
                 "OMP_WAIT_POLICY=PASSIVE")
-        labels = sorted({e["label"] for e in self.dataset.examples}, key=str) if recipe.task != "instruct" else None
-        kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
         t = time.perf_counter()
-        self.model, self.tokenizer = load_model(self.source, kind, num_labels=len(labels) if labels else None,
-                                                labels=[str(l) for l in labels] if labels else None, seed=recipe.seed,
-                                                log=log)
+        self.model, self.tokenizer = self._load_model(data, log)
         self.load_seconds = time.perf_counter() - t
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and recipe.max_length > limit:
+            raise RecipeError(f"recipe field 'max_length' is {recipe.max_length}, beyond the model's {limit} positions")
         self.model.to(self.device)
+        self.dataset = block_dataset(data, self.tokenizer, recipe.max_length) if recipe.task == "text" else data
+        self.splits = self._split(log)
         self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+        # what the training stream draws batches from: examples, or packed rows of examples
+        self.train_items = self._packed_rows() if recipe.packing else self.splits.train
         self.qera = None
         self.quantization = self.quantize(self.model, correct=correct, log=log)
         if self.quantization is not None:
@@ -80,6 +92,40 @@ class Prepared:
                 f"{q['bits_per_param']:.4f} bits/param, "
                 f"{q['bytes'] / 2**20:.1f} MiB (bf16: {2 * q['params'] / 2**20:.1f} MiB)")
         self.base_weights = base_weight_memory(self.model)
+
+    def _load_model(self, data, log):
+        recipe = self.recipe
+        labels = sorted({e["label"] for e in data.examples}, key=str) if data.kind == "classification" else None
+        kind = "seq-cls" if recipe.task == "classify-head" else "causal-lm"
+        return load_model(self.source, kind, num_labels=len(labels) if labels else None,
+                          labels=[str(l) for l in labels] if labels else None, seed=recipe.seed, log=log)
+
+    def _split(self, log) -> data_mod.Splits:
+        recipe, examples = self.recipe, self.dataset.examples
+        splits = data_mod.split(examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        s = splits.sizes()
+        unit = "blocks" if recipe.task == "text" else "examples"
+        log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
+            f"{len(examples)} {unit} -> train {s['train']}, val {s['val']}, test {s['test']}")
+        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
+            log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
+                f"{recipe.val_size}): they take at most 20% and 10% of the {len(examples)} {unit}")
+        return splits
+
+    def _packed_rows(self) -> list[list[dict[str, Any]]]:
+        """The training examples packed into rows of `max_length` tokens (best-fit decreasing, deterministic)."""
+        train = self.splits.train
+        return [[train[i] for i in row] for row in pack(self.task.lengths(train), self.recipe.max_length)]
+
+    def padding(self) -> dict[str, Any] | None:
+        """Padding in the training stream's batches before and after packing (`packing.padding_report`),
+        which one this run uses, and the share of examples the task truncated to `max_length`."""
+        lengths = self.task.lengths(self.splits.train)
+        if not lengths:
+            return None
+        report = padding_report(lengths, self.recipe.max_length, self.recipe.batch_size, self.recipe.seed)
+        return {**report, "packing": self.recipe.packing,
+                "padding": report["padding_after" if self.recipe.packing else "padding_before"]}
 
     def quantize(self, model, *, correct: bool = False,
                  log: Callable[[str], None] = stderr_log) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ from ..variants.pissa import is_weight_init
 from ..config import LoraConfig
 from ..errors import ConfigError
 
-TASKS = ("classify-lm", "classify-head", "instruct")
+TASKS = ("classify-lm", "classify-head", "instruct", "text")
+CHECKPOINTING = ("auto", "on", "off")
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -43,8 +44,12 @@ class Recipe:
         model: a built-in model (`smollm2`, `minilm`), a Hugging Face model folder, or a `.gguf` file.
         task: `classify-lm` (causal LM answers one word; scored by comparing the answers'
             log-likelihoods), `classify-head` (encoder + sequence-classification head, trained
-            through `modules_to_save`), or `instruct` (prompt -> response, loss on response tokens).
-        data: a built-in data set (`rotten-tomatoes`, `chatterbot`) or a `.jsonl` / `.csv` file.
+            through `modules_to_save`), `instruct` (prompt -> response, loss on response tokens),
+            or `text` (plain text, continued pretraining: documents cut into `max_length`-token
+            blocks, loss on every token, held-out perplexity; `lorakit.train.text`).
+        data: a built-in data set (`rotten-tomatoes`, `chatterbot`; for `text`: `hamlet`), a
+            `.jsonl` / `.csv` file, or for `text` one or more `.txt` / `.jsonl` files (comma-separated,
+            or a folder of `.txt` files; a `.jsonl` file's `text_field` holds the documents).
         text_field, label_field: columns of a classification file.
         prompt_field, response_field: columns of an instruction file.
         label_words: label value (as a string) -> answer word for `classify-lm`; default: the label itself.
@@ -85,6 +90,12 @@ class Recipe:
             `fsdp2` (`torch.distributed.fsdp.fully_shard`: the frozen base is sharded across the
             processes; the adapters stay whole on each and their gradients are all-reduced).
             Ignored by a single process. See docs/distributed.md.
+        gradient_checkpointing: `auto` (on from 2,048 tokens per micro-batch, `batch_size x max_length`),
+            `on` or `off`: keep only each decoder layer's input for backward and recompute the layer
+            (non-reentrant, `lorakit.train.memory`); the values and gradients are the same.
+        packing: `instruct` only: pack several examples into each row of `max_length` tokens, each
+            attending only to itself (`lorakit.train.packing`); `batch_size` then counts rows, and the
+            loss is the mean of the examples' mean losses.
         out: output folder; default `runs/<name>`.
     """
 
@@ -124,6 +135,8 @@ class Recipe:
     calibration_size: int = 128
     save_every: int | None = None
     parallel: str = "ddp"
+    gradient_checkpointing: str = "auto"
+    packing: bool = False
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -142,6 +155,12 @@ class Recipe:
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("parallel", self.parallel, PARALLEL)
+        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
+        if not isinstance(self.packing, bool):
+            raise RecipeError(f"recipe field 'packing' must be true or false, got {self.packing!r}")
+        if self.packing and self.task != "instruct":
+            raise RecipeError(f"recipe field 'packing' is for task 'instruct' (task {self.task!r}: the 'text' task "
+                              "packs its blocks itself)")
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size",
                      "calibration_size"):
             _int(name, getattr(self, name), minimum=1)

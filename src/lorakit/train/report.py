@@ -52,6 +52,20 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _memory_text(m: dict | None) -> str:
+    """How the step's memory was kept down (`lorakit.train.memory`, `lorakit.ops.loss`, packing)."""
+    if not m:
+        return ""
+    gc = m["gradient_checkpointing"]
+    text = f" (activation checkpointing {'on' if gc['enabled'] else 'off'}: {gc['mode']}; {m['loss']}"
+    text += f"; {m['attention']} attention" if m.get("attention") else ""
+    pad = m.get("padding")
+    if pad:
+        text += (f"; padding {100 * pad['padding']:.1f}% of the batches' tokens"
+                 + (f", {100 * pad['padding_before']:.1f}% without packing" if pad["packing"] else ""))
+    return text + ")"
+
+
 def _coverage_lines(v: dict | None) -> list[str]:
     """The adapter's coverage and size of update (`lorakit.verify.static_checks`), as report lines."""
     if not v:
@@ -124,7 +138,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"- {t['tokens']:,} tokens in {t['train_seconds']:.1f} s = {t['tokens_per_second']:.0f} tokens/s "
               f"on {r['environment']['device']} ({r['environment']['precision']}, {r['environment']['threads']} "
               "threads)",
-              f"- optimizer state: {_mib(t['optimizer_state_bytes'])}; peak memory: {_mib(t['peak_memory_bytes'])}",
+              f"- optimizer state: {_mib(t['optimizer_state_bytes'])}; peak memory: {_mib(t['peak_memory_bytes'])}"
+              + _memory_text(r.get("memory")),
               f"- wall time: {r['timings']['total_seconds']:.0f} s " +
               "(" + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in r["timings"].items()
                               if k != "total_seconds") + ")", "",

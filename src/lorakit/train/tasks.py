@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..ops.loss import causal_lm_loss, shift_labels
 from .errors import DataError
+from .packing import collate_packed
 from .recipe import GENERIC_TEMPLATE, SENTIMENT_TEMPLATE
 
 IGNORE = -100
@@ -39,6 +42,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class TaskLoss(nn.Module):
+    """`forward(batch) -> (loss, tokens)`: a task's training loss as a module's forward.
+
+    What the training loop calls and what DDP / FSDP2 wrap: the chunked loss of the causal-LM
+    tasks runs the model's backbone and head directly (`lorakit.ops.loss.causal_lm_loss`), so it
+    must sit inside a forward the wrappers see. Its parameters are the model's. With FSDP2 it is
+    the root module, so an evaluation must run inside its forward too (`evaluate=fn`: returns
+    `fn(model)` with the root's parameters gathered).
+    """
+
+    def __init__(self, task: "Task", model: nn.Module):
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor] | None = None, evaluate=None):
+        if evaluate is not None:
+            return evaluate(self.model)
+        return self.task.loss(self.model, batch)
 
 
 class Task:
@@ -61,6 +85,10 @@ class Task:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """`(mean loss over supervised tokens or examples, number of input tokens)`."""
         raise NotImplementedError
+
+    def lengths(self, examples) -> list[int]:
+        """Tokens of each example as `batch` encodes it (for the padding report)."""
+        return []
 
     def evaluate(self, model, examples, batch_size: int, device: torch.device,
                  dtype=None) -> tuple[dict[str, float], list]:
@@ -130,11 +158,14 @@ class _CausalTask(Task):
             "input_ids": _pad(ids, pad).to(device),
             "attention_mask": _pad([[1] * len(r) for r in ids], 0).to(device),
             "labels": _pad([p[1] for p in pairs], IGNORE).to(device),
+            "tokens": torch.tensor(sum(len(r) for r in ids)),
         }
 
     def loss(self, model, batch):
-        logits, targets, _ = label_logits(model, batch)
-        return F.cross_entropy(logits, targets), int(batch["attention_mask"].sum())
+        """The chunked cross-entropy over the supervised tokens (`lorakit.ops.loss.causal_lm_loss`: no
+        `(tokens, vocab)` logits), weighted by `loss_weights` when a packed batch has them."""
+        inputs = {k: v for k, v in batch.items() if k != "tokens"}
+        return causal_lm_loss(model, **inputs), int(batch["tokens"])
 
     @torch.no_grad()
     def probe(self, model, examples, device, dtype=None):  # logits at the supervised positions
@@ -180,9 +211,14 @@ class ClassifyLM(_CausalTask):
     def prompt_ids(self, text: str) -> list[int]:
         return self.tokenizer(self.prompt(text))["input_ids"]
 
+    def encode(self, example) -> tuple[list[int], list[int]]:
+        return self._encode(self.prompt_ids(example["text"]), self.answer_ids[self.index[example["label"]]])
+
     def batch(self, examples, device):
-        return self._collate([self._encode(self.prompt_ids(e["text"]),
-                                           self.answer_ids[self.index[e["label"]]]) for e in examples], device)
+        return self._collate([self.encode(e) for e in examples], device)
+
+    def lengths(self, examples) -> list[int]:
+        return [len(self.encode(e)[0]) for e in examples]
 
     @torch.no_grad()
     def _scores(self, model, prompts: list[list[int]], device) -> torch.Tensor:
@@ -275,11 +311,26 @@ class Instruct(_CausalTask):
         return self._encode(prefix_ids, answer_ids)
 
     def batch(self, examples, device):
+        """A padded batch of examples, or (items that are lists: packed rows of examples) a packed one
+        (`lorakit.train.packing.collate_packed`: positions restart per example, each attends only to
+        itself, `loss_weights` give the mean of the examples' mean losses)."""
+        if examples and isinstance(examples[0], list):
+            rows = [[self.encode(e) for e in row] for row in examples]
+            cpu = device is None or torch.device(device).type == "cpu"
+            packed = collate_packed(rows, self.tokenizer.pad_token_id, attention="mask" if cpu else "position_ids",
+                                    mask_dtype=torch.float32 if cpu else None)  # a float mask: no per-layer copy
+            packed["tokens"] = torch.tensor(sum(len(x) for row in rows for x, _ in row))
+            return {k: v.to(device) if k != "tokens" else v for k, v in packed.items()}
         return self._collate([self.encode(e) for e in examples], device)
+
+    def lengths(self, examples) -> list[int]:
+        return [len(self.encode(e)[0]) for e in examples]
 
     @torch.no_grad()
     def evaluate(self, model, examples, batch_size, device, dtype=None):
-        """`({"loss": mean nats per response token, "perplexity": exp(loss), "tokens", "n"}, per-example losses)`."""
+        """`({"loss": mean nats per response token, "perplexity": exp(loss), "tokens", "n"}, per-example losses)`.
+
+        The chunked loss per token (`reduction="none"`): no `(tokens, vocab)` logits, whatever the length."""
         was_training = model.training
         model.eval()
         encoded = [self.encode(e) for e in examples]
@@ -290,12 +341,11 @@ class Instruct(_CausalTask):
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 batch = self._collate([encoded[i] for i in idx], device)
-                logits, targets, rows = label_logits(model, batch)
-                nll = F.cross_entropy(logits, targets, reduction="none").double().cpu()
-                rows = rows.cpu()
-                t = torch.tensor(idx)[rows]
-                sums.index_add_(0, t, nll)
-                counts.index_add_(0, t, torch.ones_like(nll))
+                nll = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                     reduction="none").double().cpu()
+                n = (shift_labels(batch["labels"]) != IGNORE).sum(1).cpu()
+                sums[idx] = nll.sum(1)
+                counts[idx] = n.double()
         model.train(was_training)
         loss = float(sums.sum() / counts.sum())
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(counts.sum()),
@@ -371,9 +421,4 @@ class ClassifyHead(Task):
             return self._forward(model, self.batch(examples, device)).cpu()
 
 
-TASK_CLASSES = {cls.name: cls for cls in (ClassifyLM, ClassifyHead, Instruct)}
-
-
-def make_task(recipe, tokenizer, examples) -> Task:
-    """The task object of `recipe.task`, set up from the tokenizer and all examples (for the label set)."""
-    return TASK_CLASSES[recipe.task](recipe, tokenizer, examples)
+TASK_CLASSES = {cls.name: cls for cls in (ClassifyLM, ClassifyHead, Instruct)}  # `text`: lorakit.train.text

@@ -115,15 +115,51 @@ def token_blocks(documents: Sequence[str], tokenizer, max_length: int) -> list[d
     return blocks
 
 
-def text_dataset(paths, tokenizer, max_length: int, field: str = "text", name: str | None = None) -> Dataset:
-    """`Dataset(kind="text")` whose examples are blocks (`token_blocks`) plus their decoded `text`
-    (the key `lorakit.train.data.split` orders and separates them by). `paths` may be `"hamlet"`."""
-    if paths == "hamlet":
-        paths, name = hamlet_path(), name or "hamlet"
-    blocks = token_blocks(read_documents(paths, field), tokenizer, max_length)
+def text_paths(spec: str) -> list[Path]:
+    """The files a `--data` value names for the text task: `hamlet`, a file, a folder (its `.txt`
+    files, sorted), or a comma-separated list of those. Raises DataError for a missing path or an
+    empty folder."""
+    if spec == "hamlet":
+        return [hamlet_path()]
+    out: list[Path] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        path = Path(part).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.txt"))
+            if not found:
+                raise DataError(f"text folder {path} holds no .txt files")
+            out += found
+        elif not path.is_file():
+            raise DataError(f"text file {path} does not exist")
+        else:
+            out.append(path)
+    if not out:
+        raise DataError(f"--data {spec!r} names no text file")
+    return out
+
+
+def document_dataset(spec: str, field: str = "text") -> Dataset:
+    """`Dataset(kind="documents")` of `{"text": document}` for `text_paths(spec)`; checked before any
+    model loads (the blocks need the tokenizer: `block_dataset`)."""
+    docs = read_documents(text_paths(spec), field)
+    return Dataset("hamlet" if spec == "hamlet" else spec, "documents", [{"text": d} for d in docs])
+
+
+def block_dataset(documents: Dataset, tokenizer, max_length: int) -> Dataset:
+    """`Dataset(kind="text")` whose examples are the documents' blocks (`token_blocks`) plus their
+    decoded `text` (the key `lorakit.train.data.split` orders and separates them by)."""
+    blocks = token_blocks([e["text"] for e in documents.examples], tokenizer, max_length)
     for b in blocks:
         b["text"] = tokenizer.decode(b["input_ids"])
-    return Dataset(name or str(paths), "text", blocks)
+    return Dataset(documents.name, "text", blocks)
+
+
+def text_dataset(paths, tokenizer, max_length: int, field: str = "text", name: str | None = None) -> Dataset:
+    """`block_dataset` of the documents of `paths` (`"hamlet"`, a path or a list of paths)."""
+    if paths == "hamlet":
+        paths, name = hamlet_path(), name or "hamlet"
+    docs = Dataset(name or str(paths), "documents", [{"text": d} for d in read_documents(paths, field)])
+    return block_dataset(docs, tokenizer, max_length)
 
 
 def collate_blocks(blocks: Sequence[dict[str, Any]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
