@@ -95,6 +95,18 @@ def test_step0_identity_is_bitwise(family):
         assert torch.equal(model(x).logits, base)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_step0_identity_under_each_experts_implementation_with_top3(implementation):
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=3)).eval()
+    model.config._experts_implementation = implementation  # three rows per token: the sum's order matters
+    x = tokens(batch=4, length=30, vocab=64)
+    base = logits(model, x)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_parameters=EXPERTS))
+    assert torch.equal(logits(model, x), base)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_matches_unmerged_and_unmerge_is_bitwise(family):
     model = build(family)
@@ -428,3 +440,44 @@ def test_all_linear_warns_about_the_experts_and_all_adds_them(tmp_path):
     assert saved["target_parameters"] == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2)
                                           for w in ("down_proj", "gate_up_proj")]
     assert "model.layers.0.self_attn.q_proj" in saved["target_modules"]
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def test_verify_reports_expert_coverage_and_update_sizes(tmp_path):
+    from lorakit.verify import static_checks
+
+    model = build("mixtral")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"],
+                                   target_parameters=["mlp.experts.down_proj"]))
+    randomize(model)
+    checks = static_checks(model)
+    experts = checks["coverage"]["experts"]
+    sizes = {w: p.numel() for n, p in model.named_parameters() if ".experts." in n
+             for w in ("gate_up_proj", "down_proj") if n.endswith(w) and "lora_" not in n}
+    assert experts["modules"] == 4 and experts["covered_modules"] == 2
+    assert experts["covered_params"] == 2 * sizes["down_proj"]
+    assert experts["params"] == 2 * (sizes["down_proj"] + sizes["gate_up_proj"])
+    assert checks["modules"] == 2 + 2 and not checks["zero_b"] and not checks["no_op"]
+    _, layer = experts_layers(model)[0]
+    w0 = layer.expert_weight("down_proj").detach().double()
+    rel = float(layer.delta_weight("default", torch.float64, param="down_proj").detach().norm() / w0.norm())
+
+    lk.save_adapter(model, tmp_path)
+    report = lk.verify(build("mixtral"), tmp_path, llama_cpp=False)
+    assert report.ok and not report.unmatched, report.to_text()
+    assert report.coverage["experts"].covered_params == 2 * sizes["down_proj"]
+    deltas = {d.path: d.rel_norm for d in report.deltas}
+    assert abs(deltas["model.layers.0.mlp.experts.down_proj"] - rel) < 1e-5 * rel
+    assert [f.form for f in report.forms if f.ok] == ["merged", "reloaded", "peft"]
+    assert "experts" in report.to_text()
+
+
+def test_nested_file_keys_match_the_experts_module(tmp_path):
+    from lorakit.verify.coverage import unmatched_keys
+
+    model = build("mixtral")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_parameters=EXPERTS))
+    keys = list(lk.adapter_state_dict(model))
+    assert any(".experts.base_layer.lora_A" in k for k in keys)
+    assert unmatched_keys(build("mixtral"), keys) == []
+    assert unmatched_keys(build("mixtral"), [keys[0].replace("experts", "expertz")]) != []

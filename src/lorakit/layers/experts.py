@@ -331,7 +331,8 @@ class LoraExperts(LoraLayer):
         y = self._project("down_proj", h, routing)
         if getattr(m, "has_post_expert_norm", False):
             y = m.post_expert_norm(y)
-        return moe.combine_rows(y, top_k_weights, routing, hidden_states.dtype)
+        eager = getattr(getattr(m, "config", None), "_experts_implementation", None) == "eager"
+        return moe.combine_rows(y, top_k_weights, routing, hidden_states.dtype, per_expert=eager)
 
     def _project(self, param: str, x: torch.Tensor, routing: moe.Routing) -> torch.Tensor:
         """Expert weight `param` applied to the grouped rows `x`, its bias, and every adapter's term on it."""

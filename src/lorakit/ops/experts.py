@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import lora as ops
 from .fused import dropout_keep_mask
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,11 +128,24 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, routing: Routing, trans
     return out
 
 
-def combine_rows(y: torch.Tensor, weights: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+def combine_rows(y: torch.Tensor, weights: torch.Tensor, routing: Routing, dtype: torch.dtype,
+                 per_expert: bool = False) -> torch.Tensor:
     """Each token's weighted sum over its k experts: `y: (S, hidden)` grouped rows, `weights: (tokens, k)`
-    routing weights -> `(tokens, hidden)` in `dtype`."""
+    routing weights -> `(tokens, hidden)` in `dtype`.
+
+    As transformers' `grouped_mm` / `batched_mm` experts do (the k rows summed in `y`'s dtype), or with
+    `per_expert` as its eager loop does (`index_add` of each hit expert's rows in `dtype`, experts in
+    ascending order; a Python loop over the hit experts only), so that the sums round the same way.
+    """
     weighted = y * weights.reshape(-1)[routing.order].unsqueeze(-1)
-    return weighted[routing.inverse].view(-1, routing.k, y.shape[-1]).sum(dim=1).to(dtype)
+    if not per_expert:
+        return weighted[routing.inverse].view(-1, routing.k, y.shape[-1]).sum(dim=1).to(dtype)
+    out, start = y.new_zeros(weights.shape[0], y.shape[-1], dtype=dtype), 0
+    for end in routing.bounds:
+        if end > start:
+            out = out.index_add(0, routing.tokens[start:end], weighted[start:end].to(dtype))
+        start = end
+    return out
 
 
 class ExpertLowRankFunction(torch.autograd.Function):
@@ -145,9 +159,9 @@ class ExpertLowRankFunction(torch.autograd.Function):
     def forward(ctx, x, A, B, routing: Routing, scaling: float, p: float):
         mask, keep = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
         h = x if mask is None else torch.where(mask, x, 0.0)
-        xa = grouped_matmul(h, A.transpose(1, 2), routing)  # (S, r)
+        xa = _project_A(h, A, routing)  # (S, r)
         s = scaling * keep
-        out = grouped_matmul(xa, B.transpose(1, 2), routing).mul_(s)  # (S, out)
+        out = _project_B(xa, B, None, routing).mul_(s)  # (S, out)
         ctx.routing, ctx.s = routing, s
         ctx.save_for_backward(x if A.requires_grad else None, mask, A, B, xa if B.requires_grad else None)
         return out
@@ -185,14 +199,24 @@ def expert_low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: 
         return ExpertLowRankFunction.apply(x, A, B, routing, scaling, p)
     mask, keep = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
     h = x if mask is None else torch.where(mask, x, 0.0)
-    return grouped_matmul(grouped_matmul(h, A.transpose(1, 2), routing), B.transpose(1, 2), routing).mul_(
-        scaling * keep)
+    return ops.low_rank(h, A, B, scaling * keep, project_A=functools.partial(_project_A, routing=routing),
+                        project_B=functools.partial(_project_B, routing=routing))
+
+
+def _project_A(h: torch.Tensor, A: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """`A_e h` for each grouped row: `(S, in) -> (S, r)`."""
+    return grouped_matmul(h, A.transpose(1, 2), routing)
+
+
+def _project_B(xa: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, routing: Routing) -> torch.Tensor:
+    """`B_e xa` for each grouped row: `(S, r) -> (S, out)` (expert adapters have no `lora_bias`)."""
+    return grouped_matmul(xa, B.transpose(1, 2), routing)
 
 
 def expert_delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float32,
                         expert: int | None = None) -> torch.Tensor:
-    """`scaling * B_e @ A_e` in `dtype`: `A: (experts, r, in)`, `B: (experts, out, r)` -> `(experts, out, in)`,
-    or expert `expert`'s `(out, in)` alone."""
+    """`scaling * B_e @ A_e` in `dtype` (`lorakit.ops.lora.delta_weight`, batched over experts):
+    `A: (experts, r, in)`, `B: (experts, out, r)` -> `(experts, out, in)`, or expert `expert`'s `(out, in)` alone."""
     if expert is not None:
-        return (B[expert].to(dtype) @ A[expert].to(dtype)).mul_(scaling)
-    return torch.bmm(B.to(dtype), A.to(dtype)).mul_(scaling)
+        return ops.delta_weight(A[expert], B[expert], scaling, dtype)
+    return ops.delta_weight(A, B, scaling, dtype)
