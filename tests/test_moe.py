@@ -133,7 +133,8 @@ def test_bf16_merge_rounds_once_and_100_cycles_are_bitwise():
     lk.inject(model, lk.LoraConfig(r=4, alpha=16, target_parameters=EXPERTS))
     randomize(model)
     layers = experts_layers(model)
-    originals = {(p, w): layer.expert_weight(w).detach().clone() for p, layer in layers for w in layer.targets["default"]}
+    originals = {(p, w): layer.expert_weight(w).detach().clone()
+                 for p, layer in layers for w in layer.targets["default"]}
     assert layers[0][1].lora_A["default"]["gate_up_proj"].dtype == torch.float32  # adapters in fp32 on a bf16 base
     lk.merge(model)
     for (path, w), w0 in originals.items():
@@ -352,7 +353,8 @@ def test_file_layout_is_peft_param_wrapper(tmp_path):
     lk.save_adapter(model, tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     p = "base_model.model.model.layers.0.mlp.experts."
-    # PEFT nests one ParamWrapper per parameter, the first registered innermost; A (experts * r, in), B (out, r * experts)
+    # PEFT nests one ParamWrapper per parameter, the first registered innermost;
+    # A: (experts * r, in), B: (out, r * experts)
     assert tensors[p + "base_layer.lora_A.weight"].shape == (4 * 4, 32)  # gate_up_proj
     assert tensors[p + "base_layer.lora_B.weight"].shape == (48, 4 * 4)
     assert tensors[p + "lora_A.weight"].shape == (4 * 4, 24)  # down_proj
