@@ -344,7 +344,7 @@ class LoraExperts(LoraLayer):
                 A, B = self.lora_A[name][param], self.lora_B[name][param]
                 p = self.lora_dropout[name] if self.training else 0.0
                 term = moe.expert_low_rank(x.to(A.dtype), A, B, routing, self.scaling[name], p)
-                out = out + term.to(out.dtype)
+                out = out.add_(term) if term.dtype == out.dtype else out + term.to(out.dtype)  # no 2nd (S, out)
         return out
 
 
