@@ -200,8 +200,9 @@ def run(rounds: int = 5, memory: bool = True) -> dict:
                 row["budget_mb"] = round(row["adapter_state_mb"] + row["kept_expert_inputs_mb"], 1)
         out["memory"] = mem
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    out["ratios"] = {"train lorakit/floor": out["train"]["lorakit/floor"], "train peft/floor": out["train"]["peft/floor"],
-                     "decode lorakit/base": out["decode"]["lorakit/base"], "decode peft/base": out["decode"]["peft/base"]}
+    out["ratios"] = {f"{phase} {name}": out[phase][name] for phase, names in
+                     (("train", ("lorakit/floor", "peft/floor")), ("decode", ("lorakit/base", "peft/base")))
+                     for name in names}
     return out
 
 
