@@ -197,10 +197,12 @@ def _dense_reference(m, x, top_k_index, top_k_weights, pairs, scaling):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_gradients_of_routed_rows_equal_a_dense_fp64_reference(family):
+@pytest.mark.parametrize("family,r", [("mixtral", 4), ("gpt_oss", 4), ("mixtral", 3)],
+                         ids=["mixtral-grouped_mm", "gpt_oss-grouped_mm", "mixtral-r3-per-expert-loop"])
+def test_gradients_of_routed_rows_equal_a_dense_fp64_reference(family, r):
+    # r=3: A and B's strides are not 16-byte multiples, so grouped_mm is not used (one mm per hit expert)
     model = build(family)
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_parameters=EXPERTS))
+    lk.inject(model, lk.LoraConfig(r=r, alpha=8, target_parameters=EXPERTS))
     randomize(model)
     _, layer = experts_layers(model)[0]
     m = layer.base_layer
@@ -483,3 +485,114 @@ def test_nested_file_keys_match_the_experts_module(tmp_path):
     assert any(".experts.base_layer.lora_A" in k for k in keys)
     assert unmatched_keys(build("mixtral"), keys) == []
     assert unmatched_keys(build("mixtral"), [keys[0].replace("experts", "expertz")]) != []
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = r'''
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, {tests!r})
+import lorakit as lk
+from test_moe import EXPERTS, build, ids, randomize
+
+
+def adapted():
+    model = build("mixtral")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS))
+    randomize(model)
+    model.train()
+    return model
+
+
+def train(model, batches, forward):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for x in batches:
+        forward(x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def worker(rank, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = adapted()
+    ddp = DistributedDataParallel(model)  # no find_unused_parameters: every expert's pair gets a gradient
+    batches = [ids(seed)[rank:rank + 1] for seed in (1, 2, 3)]
+    train(model, batches, lambda x: ddp(x, labels=x))
+    if rank == 0:
+        torch.save(lk.adapter_state_dict(model), out + "/ddp.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = sys.argv[2]
+    mp.spawn(worker, args=(out,), nprocs=2)
+    model = adapted()
+    train(model, [ids(seed) for seed in (1, 2, 3)], lambda x: model(x, labels=x))
+    torch.save(lk.adapter_state_dict(model), out + "/single.pt")
+'''
+
+
+def test_ddp_with_expert_adapters_trains_the_same_adapter_as_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_moe.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    start = build("mixtral")
+    lk.inject(start, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS))
+    randomize(start)
+    before = lk.adapter_state_dict(start)
+    assert sorted(ddp) == sorted(single) and any(".experts.base_layer.lora_A" in k for k in ddp)
+    for k in single:
+        assert not torch.equal(single[k], before[k]), k  # three steps moved every tensor
+        assert torch.allclose(ddp[k], single[k], rtol=1e-5, atol=1e-6), (k, (ddp[k] - single[k]).abs().max())
+
+
+def test_train_flags_take_the_all_preset_and_target_parameters():
+    import argparse
+
+    from lorakit.train.flags import add_recipe_arguments, recipe_overrides
+
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser)
+    args = parser.parse_args(["--target-modules", "all", "--target-parameters", ",".join(EXPERTS)])
+    assert recipe_overrides(args)["lora"] == {"target_modules": "all", "target_parameters": EXPERTS}
+
+
+def test_scale_delete_and_unload():
+    model = build("olmoe")
+    x = ids()
+    base = logits(model, x)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_parameters=EXPERTS))
+    randomize(model)
+    adapted = logits(model, x)
+    lk.set_scale(model, "default", 0.0)
+    assert torch.equal(logits(model, x), base)
+    lk.set_scale(model, "default", 1.0)
+    assert torch.equal(logits(model, x), adapted)
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, target_parameters=["mlp.experts.down_proj"]), adapter="other")
+    lk.set_active(model, "default")
+    lk.merge(model)
+    lk.unmerge(model)
+    lk.delete_adapter(model, "other")
+    assert all(layer.adapter_names == ("default",) for _, layer in experts_layers(model))
+    assert torch.equal(logits(model, x), adapted)
+    plain = lk.unload(model)
+    assert not list(lora_layers(plain)) and torch.equal(logits(plain, x), base)

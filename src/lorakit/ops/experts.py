@@ -151,20 +151,19 @@ def combine_rows(y: torch.Tensor, weights: torch.Tensor, routing: Routing, dtype
 class ExpertLowRankFunction(torch.autograd.Function):
     """`scaling * B_e A_e dropout(x)` per grouped row (see `expert_low_rank`) as one autograd node.
 
-    Kept for backward: `x` (the caller's tensor, not a copy), a 1-byte dropout mask, `xa = A x`
-    `(S, r)`, A and B. The dropped-out copy of `x` is not kept; backward forms it again.
+    Kept for backward: `x` (the caller's tensor, not a copy), a 1-byte dropout mask, `xa = s A x`
+    `(S, r)` (the scaling applied on the rank-r side, the cheap one), A and B. The dropped-out copy of `x` is not kept; backward forms it again.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, routing: Routing, scaling: float, p: float):
         mask, keep = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
         h = x if mask is None else torch.where(mask, x, 0.0)
-        xa = _project_A(h, A, routing)  # (S, r)
         s = scaling * keep
-        out = _project_B(xa, B, None, routing).mul_(s)  # (S, out)
+        xa = _project_A(h, A, routing).mul_(s)  # (S, r): scaled here, not the (S, out) product
         ctx.routing, ctx.s = routing, s
         ctx.save_for_backward(x if A.requires_grad else None, mask, A, B, xa if B.requires_grad else None)
-        return out
+        return _project_B(xa, B, None, routing)  # (S, out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -181,7 +180,7 @@ class ExpertLowRankFunction(torch.autograd.Function):
             h = x if mask is None else torch.where(mask, x, 0.0)
             grad_a = grouped_outer(gb, h, routing, A.shape[0])
         if ctx.needs_input_grad[2]:
-            grad_b = grouped_outer(g, xa, routing, B.shape[0]).mul_(s)
+            grad_b = grouped_outer(g, xa, routing, B.shape[0])  # xa carries s
         return grad_x, grad_a, grad_b, None, None, None
 
 
