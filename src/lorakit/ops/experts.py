@@ -152,7 +152,8 @@ class ExpertLowRankFunction(torch.autograd.Function):
     """`scaling * B_e A_e dropout(x)` per grouped row (see `expert_low_rank`) as one autograd node.
 
     Kept for backward: `x` (the caller's tensor, not a copy), a 1-byte dropout mask, `xa = s A x`
-    `(S, r)` (the scaling applied on the rank-r side, the cheap one), A and B. The dropped-out copy of `x` is not kept; backward forms it again.
+    `(S, r)` (the scaling applied on the rank-r side, the cheap one), A and B. The dropped-out copy
+    of `x` is not kept; backward forms it again.
     """
 
     @staticmethod
