@@ -17,7 +17,7 @@ Adapters: r=16, alpha=32, dropout 0 on q/k/v/o and on both expert weights of eve
 - decode: one token with a KV cache of 128 tokens (cropped back after each call), eval mode, no
   grad, for the base, lorakit unmerged and PEFT unmerged (B random, so the adapters are not zero).
 
-    python -m benchmarks.moe              # prints JSON
+    python -m benchmarks.moe              # prints JSON (one torch thread; --threads 0 for torch's default)
     python -m benchmarks --only moe       # part of `make bench`
 """
 
@@ -135,8 +135,9 @@ def adapter_budget(model, kind: str) -> dict:
             "kept_expert_inputs_mb": round(kept / 2**20, 1)}
 
 
-def _fresh(kind: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.moe", "--one", kind], capture_output=True, text=True)
+def _fresh(kind: str, threads: int | None) -> dict:
+    argv = [sys.executable, "-m", "benchmarks.moe", "--one", kind] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"kind": kind, "failed": proc.stderr.strip().splitlines()[-3:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,15 +184,24 @@ def train(rounds: int) -> dict:
             "peft/floor": ratio(times, "peft", "floor"), "lorakit/peft": ratio(times, "lorakit", "peft")}
 
 
-def run(rounds: int = 5, memory: bool = True) -> dict:
+def run(rounds: int = 5, memory: bool = True, threads: int | None = 1) -> dict:
+    """Every measurement; `threads`: torch's intra-op threads while timing (default 1: on a shared 2-core
+    machine, OpenMP's spin-waiting under another process's load made 2-thread steps 2-5x slower and the
+    ratios meaningless; None keeps torch's default)."""
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     out: dict = {"model": MIXTRAL_SMALL, "r": R, "targets": {"modules": ATTENTION, "parameters": EXPERTS},
-                 "load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    out["train"] = train(rounds)
-    gc.collect()
-    out["decode"] = decode(rounds)
-    gc.collect()
+                 "torch_threads": torch.get_num_threads(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        out["train"] = train(rounds)
+        gc.collect()
+        out["decode"] = decode(rounds)
+        gc.collect()
+    finally:
+        torch.set_num_threads(saved)
     if memory:
-        mem = {kind: _fresh(kind) for kind in KINDS}
+        mem = {kind: _fresh(kind, threads) for kind in KINDS}
         floor = mem["floor"].get("peak_above_start_mb")
         for kind in ("peft", "lorakit"):
             row = mem[kind]
@@ -211,11 +221,14 @@ def main() -> None:
     parser.add_argument("--one", choices=KINDS, help="(internal) one configuration's peak memory, in this process")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while timing (0: torch's default)")
     args = parser.parse_args()
     if args.one:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         print(json.dumps(one(args.one)))
         return
-    print(json.dumps({"machine": machine(), **run(args.rounds, not args.no_memory)}, indent=2))
+    print(json.dumps({"machine": machine(), **run(args.rounds, not args.no_memory, args.threads or None)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -338,7 +338,13 @@ class LoraExperts(LoraLayer):
         """Expert weight `param` applied to the grouped rows `x`, its bias, and every adapter's term on it."""
         m = self.base_layer
         bias = getattr(m, f"{param}_bias", None) if getattr(m, "has_bias", False) else None
-        out = moe.expert_linear(x, getattr(m, param), routing, m.is_transposed, bias)
+        weight = getattr(m, param)
+        names = [n for n in self._forward_adapters if param in self.targets[n]]
+        if len(names) == 1 and self._fusable(names[0], param, x, weight, bias):  # the training fast path
+            A, B = self.lora_A[names[0]][param], self.lora_B[names[0]][param]
+            p = self.lora_dropout[names[0]] if self.training else 0.0
+            return moe.expert_projection(x, weight, bias, A, B, routing, m.is_transposed, self.scaling[names[0]], p)
+        out = moe.expert_linear(x, weight, routing, m.is_transposed, bias)
         for name in self._forward_adapters:
             if param in self.targets[name]:
                 A, B = self.lora_A[name][param], self.lora_B[name][param]
@@ -346,6 +352,14 @@ class LoraExperts(LoraLayer):
                 term = moe.expert_low_rank(x.to(A.dtype), A, B, routing, self.scaling[name], p)
                 out = out.add_(term) if term.dtype == out.dtype else out + term.to(out.dtype)  # no 2nd (S, out)
         return out
+
+
+    def _fusable(self, name: str, param: str, x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+        """Whether `expert_projection` can compute this projection: grad enabled, the base weight and bias
+        frozen, one dtype for rows, weight and adapter."""
+        A = self.lora_A[name][param]
+        return (torch.is_grad_enabled() and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and x.dtype == weight.dtype == A.dtype)
 
 
 def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

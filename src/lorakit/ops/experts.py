@@ -185,6 +185,82 @@ class ExpertLowRankFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+def add_grouped(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """`out += grouped_matmul(x, w, routing)` in place (`out: (S, N)`, `x: (S, K)`, `w: (experts, K, N)`).
+
+    On the CPU one `addmm_` per expert that has rows (no `(S, N)` temporary, no second pass over
+    `out`); elsewhere one grouped product and one add (a kernel launch per expert would cost more).
+    A product that is exactly zero (B = 0) leaves `out` bit for bit.
+    """
+    if out.device.type != "cpu":
+        return out.add_(grouped_matmul(x, w, routing))
+    start = 0
+    for e, end in enumerate(routing.bounds):
+        if end > start:
+            out[start:end].addmm_(x[start:end], w[e])
+        start = end
+    return out
+
+
+class ExpertProjectionFunction(torch.autograd.Function):
+    """A frozen expert weight's projection plus one adapter's term, as one autograd node (the expert
+    counterpart of `lorakit.ops.fused`): `x W_e^T (+ b_e) + s B_e A_e dropout(x)` per grouped row.
+
+    The base product is the same grouped product as `expert_linear` (so B = 0 gives its bits); the
+    low-rank product is accumulated into it in place, and in backward the low-rank part of the input
+    gradient into the base part: no `(S, out)` or `(S, in)` temporary beyond the outputs. Kept for
+    backward: W (the parameter itself), `x` (the caller's tensor), a 1-byte dropout mask,
+    `xa = s A x` `(S, r)`, A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, routing: Routing, transposed: bool, scaling: float, p: float):
+        out = expert_linear(x, weight, routing, transposed, bias)
+        mask, keep = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
+        h = x if mask is None else torch.where(mask, x, 0.0)
+        s = scaling * keep
+        xa = _project_A(h, A, routing).mul_(s)  # (S, r)
+        add_grouped(out, xa, B.transpose(1, 2), routing)
+        ctx.routing, ctx.s, ctx.transposed = routing, s, transposed
+        ctx.save_for_backward(weight, x if A.requires_grad else None, mask, A, B, xa if B.requires_grad else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x, mask, A, B, xa = ctx.saved_tensors
+        routing, s = ctx.routing, ctx.s
+        g = grad_out.contiguous()
+        gb = grouped_matmul(g, B, routing).mul_(s)  # (S, r): s * B_e^T g
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_matmul(g, weight.transpose(1, 2) if ctx.transposed else weight, routing)
+            if mask is None:
+                add_grouped(grad_x, gb, A, routing)
+            else:
+                grad_x.add_(grouped_matmul(gb, A, routing).mul_(mask))
+        if ctx.needs_input_grad[3]:
+            h = x if mask is None else torch.where(mask, x, 0.0)
+            grad_a = grouped_outer(gb, h, routing, A.shape[0])
+        if ctx.needs_input_grad[4]:
+            grad_b = grouped_outer(g, xa, routing, B.shape[0])  # xa carries s
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+def expert_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                      B: torch.Tensor, routing: Routing, transposed: bool, scaling: float,
+                      p: float = 0.0) -> torch.Tensor:
+    """`expert_linear(x, weight, ...) + expert_low_rank(x, A, B, ...)` for a frozen `weight` (and `bias`)
+    and one adapter, as one autograd node (`ExpertProjectionFunction`); `x`, `weight`, A and B share a
+    dtype. Shapes as in `expert_linear` and `expert_low_rank`; returns `(S, out)`.
+
+    Raises:
+        ValueError: `weight` or `bias` requires grad (use the two functions, composed).
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("expert_projection needs a frozen expert weight and bias")
+    return ExpertProjectionFunction.apply(x, weight, bias, A, B, routing, transposed, scaling, p)
+
+
 def expert_low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float,
                     p: float = 0.0) -> torch.Tensor:
     """The LoRA term of each grouped row with its expert's pair: `scaling * B_e (A_e dropout_p(x))`.
