@@ -358,7 +358,8 @@ class LoraExperts(LoraLayer):
         """Whether `expert_projection` can compute this projection (training and inference): the base weight
         and bias frozen, one dtype for rows, weight and adapter."""
         A = self.lora_A[name][param]
-        return not weight.requires_grad and (bias is None or not bias.requires_grad) and x.dtype == weight.dtype == A.dtype
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        return frozen and x.dtype == weight.dtype == A.dtype
 
 
 def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
