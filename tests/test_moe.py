@@ -467,6 +467,10 @@ def test_all_linear_warns_about_the_experts_and_all_adds_them(tmp_path):
     assert saved["target_parameters"] == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2)
                                           for w in ("down_proj", "gate_up_proj")]
     assert "model.layers.0.self_attn.q_proj" in saved["target_modules"]
+    randomize(model)
+    lk.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(build("qwen2_moe"), tmp_path).eval()  # PEFT reads the resolved lists
+    assert torch.allclose(logits(pm, ids()), logits(model, ids()), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- verify
