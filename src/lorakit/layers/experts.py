@@ -340,7 +340,7 @@ class LoraExperts(LoraLayer):
         bias = getattr(m, f"{param}_bias", None) if getattr(m, "has_bias", False) else None
         weight = getattr(m, param)
         names = [n for n in self._forward_adapters if param in self.targets[n]]
-        if len(names) == 1 and self._fusable(names[0], param, x, weight, bias):  # the fast path
+        if len(names) == 1 and self._fusable(names[0], param, x, weight, bias):  # the training fast path
             A, B = self.lora_A[names[0]][param], self.lora_B[names[0]][param]
             p = self.lora_dropout[names[0]] if self.training else 0.0
             return moe.expert_projection(x, weight, bias, A, B, routing, m.is_transposed, self.scaling[names[0]], p)
@@ -355,11 +355,12 @@ class LoraExperts(LoraLayer):
 
 
     def _fusable(self, name: str, param: str, x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-        """Whether `expert_projection` can compute this projection (training and inference): the base weight
-        and bias frozen, one dtype for rows, weight and adapter."""
+        """Whether `expert_projection` computes this projection: in training (grad enabled; in inference the
+        composed ops measured faster), with the base weight and bias frozen and one dtype for rows,
+        weight and adapter."""
         A = self.lora_A[name][param]
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        return frozen and x.dtype == weight.dtype == A.dtype
+        return torch.is_grad_enabled() and frozen and x.dtype == weight.dtype == A.dtype
 
 
 def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
