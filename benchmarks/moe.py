@@ -172,7 +172,7 @@ def decode(rounds: int) -> dict:
     _randomize_b(theirs)
     ids = torch.randint(0, MIXTRAL_SMALL["vocab_size"], (1, CACHE), generator=torch.Generator().manual_seed(1))
     times = paired({"base": _decoder(base, ids), "lorakit": _decoder(ours, ids), "peft": _decoder(theirs, ids)},
-                   rounds, inner=10)
+                   4 * rounds, inner=5)  # many short rounds: a load change hits the three alike
     return {"kv_cache": CACHE, "seconds": medians(times), "lorakit/base": ratio(times, "lorakit", "base"),
             "peft/base": ratio(times, "peft", "base")}
 
@@ -184,7 +184,7 @@ def train(rounds: int) -> dict:
             "peft/floor": ratio(times, "peft", "floor"), "lorakit/peft": ratio(times, "lorakit", "peft")}
 
 
-def run(rounds: int = 5, memory: bool = True, threads: int | None = 1) -> dict:
+def run(rounds: int = 9, memory: bool = True, threads: int | None = 1) -> dict:
     """Every measurement; `threads`: torch's intra-op threads while timing (default 1: on a shared 2-core
     machine, OpenMP's spin-waiting under another process's load made 2-thread steps 2-5x slower and the
     ratios meaningless; None keeps torch's default)."""
@@ -219,7 +219,7 @@ def run(rounds: int = 5, memory: bool = True, threads: int | None = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", choices=KINDS, help="(internal) one configuration's peak memory, in this process")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing (0: torch's default)")
     args = parser.parse_args()
