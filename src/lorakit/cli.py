@@ -107,6 +107,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "--parallel may change)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output folder (without it, a folder holding one is refused)")
+    g.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                   help="skip the base model's evaluation on the test split (no before / gain in the report)")
+    g.add_argument("--merge-check", choices=("quick", "full"), default="quick",
+                   help="merged vs unmerged on the first two evaluation batches of the test split (quick, "
+                   "default) or all of it (full)")
+    g.add_argument("--no-merge-check", dest="merge_check", action="store_const", const="off",
+                   help="skip the merged-model check")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="run even when the estimated peak memory of a step is over twice what is available")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop after this step with a checkpoint (continue later with --resume)")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -155,7 +166,9 @@ def _train(args: argparse.Namespace) -> int:
         return _train_multiprocess(args, recipe)
 
     try:
-        report = run_train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+        report = run_train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
+                           eval_before=args.eval_before, merge_check=args.merge_check, tensorboard=args.tensorboard,
+                           memory_check=args.memory_check)
     except LoraError as exc:  # bad input or divergence: every rank says it in one line, naming itself
         if world is None or getattr(args, "debug", False):
             raise
@@ -167,9 +180,10 @@ def _train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     if "stopped_at" in report:
-        print(f"stopped after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
-              f"lorakit train --resume {report['out']}")
-        return 0
+        how = "interrupted" if report.get("exit_code") else "stopped"
+        print(f"{how} after step {report['stopped_at']}; checkpoint {report['checkpoint']}; continue with: "
+              f"{report['resume_command']}")
+        return report.get("exit_code", 0)
     _print_train_summary(report, recipe)
     return 0
 
@@ -191,12 +205,21 @@ def _train_multiprocess(args: argparse.Namespace, recipe) -> int:
 def _print_train_summary(report: dict, recipe) -> None:
     test = report["test"]
     if "accuracy" in test["after"]:
-        print(f"test accuracy: {test['before']['accuracy']:.4f} (base) -> {test['after']['accuracy']:.4f} (LoRA) "
-              f"-> {test['merged']['accuracy']:.4f} (merged); gain {report['gain_points']:+.1f} points; "
+        st = test.get("stats") or {}
+        gain, base = st.get("gain"), st.get("majority_baseline")
+        ci = f" (95% CI {100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, paired)" if gain else ""
+        majority = f"; majority class {base['label']!r}: {base['accuracy']:.4f}" if base else ""
+        forms = [f"{test[k]['accuracy']:.4f} ({name})" for k, name in (("before", "base"), ("after", "LoRA"),
+                                                                       ("merged", "merged")) if k in test]
+        gained = f"gain {report['gain_points']:+.1f} points{ci}" if "gain_points" in report else "no base evaluation"
+        print(f"test accuracy: {' -> '.join(forms)}, n={test['after']['n']}; {gained}{majority}; "
               f"trainable {report['lora']['trainable_percent']:.3f}% of parameters")
+        for warning in st.get("warnings", []):
+            print(f"warning: {warning}")
     else:
-        print(f"test loss: {test['before']['loss']:.4f} (base) -> {test['after']['loss']:.4f} (LoRA); perplexity "
-              f"{test['before']['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "
+        before = test.get("before") or {"loss": float("nan"), "perplexity": float("nan")}
+        print(f"test loss: {before['loss']:.4f} (base) -> {test['after']['loss']:.4f} (LoRA); perplexity "
+              f"{before['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "
               f"{report['lora']['trainable_percent']:.3f}% of parameters")
     print(f"report: {recipe.out_dir / 'report.md'}")
 
@@ -204,7 +227,8 @@ def _print_train_summary(report: dict, recipe) -> None:
 # ---------------------------------------------------------------------- eval
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter folder written by lorakit train (omit to evaluate the base model)")
-    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split (default test)")
+    p.add_argument("--split", default=None, choices=("test", "val", "train", "all"),
+                   help="which split (default: test; with --data: all, the whole file)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_recipe_arguments(p)
 
@@ -215,7 +239,8 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = recipe_overrides(args)
     # --model alone names the default recipe's task and data
     base = load_recipe(source) if (source or overrides or not args.adapter) else None
-    result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=args.split)
+    split = args.split or ("all" if "data" in overrides else "test")  # --data FILE: the whole file
+    result = evaluate_adapter(args.adapter, base=base, overrides=overrides, split=split)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

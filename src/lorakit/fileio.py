@@ -193,3 +193,49 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def set_plain_modes(folder: str | Path) -> None:
+    """Give every file under `folder` the mode a plain `open(path, "w")` gives (0o666 minus the umask)
+    and every folder 0o777 minus the umask: writers that go through `tempfile` (transformers'
+    `save_pretrained` of the weights) otherwise leave 0600 beside 0644 files."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+@contextmanager
+def atomic_output_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `folder` to fill; on a clean exit give its contents plain modes
+    (`set_plain_modes`), fsync it and rename it to `folder` (which must be absent or an empty folder).
+    A crash leaves no half-written `folder`; an exception removes the temporary one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        set_plain_modes(tmp)
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                with open(entry, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked by the caller): replaced by the complete one
+        os.rename(tmp, folder)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    fsync_dir(folder.parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,9 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
         result["adapters"].append(entry)
     if len(adapters) == 2:
         result["similarity"] = _similarity(adapters, labels, svds)
+        note = shared_init_note(result["similarity"], adapters)
+        if note:
+            warnings.append(note)
     if full_finetune is not None:
         result["full_finetune"] = _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values,
                                                  warnings)
@@ -180,12 +184,14 @@ def _similarity(adapters: list[AdapterFactors], labels: list[str], svds: list[di
                                 f"{a2.path}); "
                                 "were the adapters trained on the same base model?")
         phi_a = subspace_similarity(m1.A, m2.A, "right")
+        a_diff = _relative_difference(m1.A, m2.A)
         phi_b = subspace_similarity(m1.B, m2.B, "left")
         entry = {
             "r1": m1.r, "r2": m2.r, "d_in": m1.shape[1], "d_out": m1.shape[0],
             "phi_A": phi_a.tolist(), "phi_B": phi_b.tolist(),
             "summary_A": similarity_summary(phi_a, m1.shape[1]),
             "summary_B": similarity_summary(phi_b, m1.shape[0]),
+            "A_relative_difference": a_diff,
         }
         # Extension beyond the paper: the same phi on delta_weight's own singular vectors (input side:
         # right, output side: left), restricted to its numerical rank. Unlike A's, these do not depend
@@ -200,6 +206,45 @@ def _similarity(adapters: list[AdapterFactors], labels: list[str], svds: list[di
                 entry[f"phi_delta_{side}"] = entry[f"summary_delta_{side}"] = None
         out["modules"][p] = entry
     return out
+
+
+SHARED_INIT_BELOW = 0.7  # two independent random A differ by ~sqrt(2) = 1.41 of their norm
+
+
+def _relative_difference(A1, A2) -> float | None:
+    """`||A1 - A2||_F / mean(||A1||_F, ||A2||_F)`: ~1.41 for independent random inits, ~0 for a shared
+    one that training moved little (None for different shapes)."""
+    if tuple(A1.shape) != tuple(A2.shape):
+        return None
+    a1, a2 = A1.double(), A2.double()
+    scale = (a1.norm() + a2.norm()) / 2
+    return float((a1 - a2).norm() / scale) if scale > 0 else None
+
+
+def _recorded_seed(path: Path) -> int | None:
+    try:
+        return json.loads((Path(path) / "lorakit_train.json").read_text(encoding="utf-8"))["recipe"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def shared_init_note(similarity: dict, adapters: list[AdapterFactors]) -> str | None:
+    """Record (under `similarity["shared_init"]`) whether the two adapters' A share their random
+    initialisation, and return a warning when they do: A's similarity then mostly reflects it."""
+    diffs = sorted(d for m in similarity["modules"].values() if (d := m.get("A_relative_difference")) is not None)
+    seeds = [_recorded_seed(a.path) for a in adapters]
+    median = diffs[len(diffs) // 2] if diffs else None
+    shared = median is not None and median < SHARED_INIT_BELOW
+    similarity["shared_init"] = {"median_A_relative_difference": median, "likely": shared,
+                                 "recorded_seeds": seeds if None not in seeds else None}
+    if not shared:
+        return None
+    same_seed = f" (both recorded seed {seeds[0]} in lorakit_train.json)" if None not in seeds and \
+        seeds[0] == seeds[1] else ""
+    return (f"the two adapters' A matrices differ by only {100 * median:.0f}% of their norm (median over modules; "
+            f"independent random initialisations differ by about 141%): they share their initialisation{same_seed}, "
+            "so the high A similarity mostly reflects that, not what training learned; compare B or delta_weight "
+            "(phi_delta_in / phi_delta_out), or adapters trained with different seeds")
 
 
 def _rank(S: torch.Tensor, shape: tuple[int, int]) -> int:

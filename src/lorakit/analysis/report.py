@@ -136,6 +136,13 @@ def _similarity_section(sim: dict) -> list[str]:
                                                   f"{_f(sm['phi_full'], 3)} [{_f(sm['random_full'], 2)}]",
                                                   _f(sm["mean_diagonal"], 3)]
         lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+    si = sim.get("shared_init")
+    if si and si.get("median_A_relative_difference") is not None:
+        share = 100 * si["median_A_relative_difference"]
+        lines += ["", f"Shared initialisation: the A matrices differ by {share:.0f}% "
+                  "of their norm (median; independent random inits: ~141%) -> "
+                  + ("**shared: A's similarity mostly reflects the common random init** (see Warnings)"
+                     if si["likely"] else "independent inits")]
     for key, what in (("only_in_first", l1), ("only_in_second", l2)):
         if sim[key]:
             lines.append(f"\nModules only in `{what}` (not compared): " + ", ".join(f"`{p}`" for p in sim[key]))

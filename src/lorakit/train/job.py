@@ -17,6 +17,11 @@ with several processes it trains data-parallel (see `distributed`), rank 0 writi
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import math
+import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +42,24 @@ from .checkpoint import (
     Checkpoint, CheckpointWriter, capture_rng, check_resume_recipe, earlier_checkpoint, read_checkpoint,
 )
 from .errors import CheckpointError, RecipeError, TrainingDiverged
+from .estimate import available_bytes, check_message, step_estimate
+from .interrupt import GracefulStop
 from .loop import LoopConfig, LoopResult, train
 from .models import resolve_device, resolve_model
 from .memory import enable_checkpointing, release_large_frees, want_checkpointing
-from .prepare import Prepared, load_data, stderr_log
+from .outdir import OutputLock, check_writable
+from .prepare import Prepared, load_data, load_held_out, stderr_log
 from .recipe import Recipe
 from .report import write_json, write_report
 from .saved import PROBE_EXAMPLES, TRAIN_INFO
+from .stats import classification_summary
+from .tblog import TensorBoardLog
 from .tasks import TaskLoss
+from .truncation import truncation_message
 
 RUN_FILES = ("report.json", "checkpoints", "adapter")  # what marks a folder as holding a previous run
 SAMPLE_PROMPTS = 3
+MERGE_CHECKS = ("quick", "full", "off")
 LOSS_TASKS = ("instruct", "text")  # scored by held-out loss / perplexity rather than accuracy
 
 
@@ -68,12 +80,19 @@ class Run:
     plan: Plan | None = None
     timings: dict[str, float] = field(default_factory=dict)
     before: dict | None = None
+    before_preds: list | None = None  # the base model's test predictions (paired with the trained model's)
     samples: list = field(default_factory=list)
     trainable_names: list[str] = field(default_factory=list)
     writer: CheckpointWriter | None = None
     result: LoopResult | None = None
     distributed: dict | None = None
     checks: dict[str, Any] = field(default_factory=dict)
+    stop: GracefulStop | None = None
+    eval_before: bool = True  # score the base model on the test split first (--no-eval-before: skip)
+    merge_check: str = "quick"  # quick: a few test batches | full: the whole test split | off
+    tensorboard: bool = False
+    tb: TensorBoardLog | None = None
+    memory_check: bool = True  # estimate a step's peak memory before any work; refuse at 2x what is available
 
     @property
     def out(self) -> Path:
@@ -102,7 +121,9 @@ class Run:
 
 
 def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume: str | Path | None = None,
-              stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
+              stop_after: int | None = None, overwrite: bool = False, eval_before: bool = True,
+              merge_check: str = "quick", tensorboard: bool = False,
+              memory_check: bool = True) -> dict[str, Any] | None:
     """Run the whole job for `recipe` and write its outputs into `recipe.out_dir`.
 
     Args:
@@ -111,6 +132,13 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             come from the checkpoint; `recipe` must agree with the recorded one except for
             `checkpoint.RESUME_MAY_CHANGE` (use `checkpoint.resume_recipe` to build it).
         stop_after: stop after this step, with a checkpoint (continue with `resume`).
+        eval_before: score the base model on the test split before training (False: skip it; the
+            report then has no gain).
+        merge_check: "quick" (merged vs unmerged logits and predictions on the first two evaluation
+            batches of the test split), "full" (the whole test split) or "off".
+        memory_check: estimate a training step's peak memory after the model loads (`estimate`); warn
+            when it exceeds the available memory, raise `RecipeError` at twice it (False: warn only).
+        tensorboard: also write TensorBoard event files to `OUT/tensorboard` (`tblog`).
         overwrite: allow an output folder that holds a previous run (`report.json`,
             `checkpoints/` or `adapter/`); its files are replaced as the new run writes them, and
             files the new run does not write (a `merged/` folder, say) stay. Without it such a
@@ -130,17 +158,34 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
     world = dist_mod.world_from_env()
     ckpt, changed, shards = _checks(recipe, resume, world.world_size if world else 1, overwrite)
     device = resolve_device(recipe.device, recipe.precision)
-    run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after)
+    if merge_check not in MERGE_CHECKS:
+        raise RecipeError(f"merge_check must be one of {', '.join(MERGE_CHECKS)}, got {merge_check!r}")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RecipeError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    run = Run(recipe, log, t_start, ckpt, changed, shards, stop_after, eval_before=eval_before,
+              merge_check=merge_check, tensorboard=tensorboard, memory_check=memory_check)
     if world is not None:
         run.dist = dist_mod.Distributed(world, recipe.parallel, device[0])
         device = (run.dist.device, device[1])
         run.log = _rank_log(log, run.dist)
     threads = dist_mod.threads_per_process(recipe.threads, world.local_world_size) if world else None
+    lock = OutputLock(run.out, log) if world is None or world.rank == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         return _stages(run, threads, device)
     finally:
+        if run.tb is not None:
+            run.tb.close()
+        if lock is not None:
+            lock.release()
         if run.dist is not None:
             run.dist.close()
+
+
+def resume_command(out: Path) -> str:
+    """The exact command that continues the run in `out`, from any folder."""
+    return f"lorakit train --resume {shlex.quote(str(Path(out).resolve()))}"
 
 
 def _stages(run: Run, threads: int | None, device) -> dict[str, Any] | None:
@@ -151,9 +196,12 @@ def _stages(run: Run, threads: int | None, device) -> dict[str, Any] | None:
     if run.dist is not None and not _leave_group(run):
         return None  # ranks other than 0: done
     if run.result.last_step < run.recipe.steps:
-        run.log(f"stopped after step {run.result.last_step} of {run.recipe.steps}; checkpoint {run.writer.latest}; "
-                f"continue with: lorakit train --resume {run.out}")
-        return {"stopped_at": run.result.last_step, "checkpoint": str(run.writer.latest), "out": str(run.out)}
+        how = f"interrupted ({signal.Signals(run.stop.signal).name})" if run.result.interrupted else "stopped"
+        run.log(f"{how} after step {run.result.last_step} of {run.recipe.steps}; checkpoint {run.writer.latest}; "
+                f"continue with: {resume_command(run.out)}")
+        return {"stopped_at": run.result.last_step, "checkpoint": str(run.writer.latest), "out": str(run.out),
+                "resume_command": resume_command(run.out),
+                "exit_code": run.stop.exit_code if run.result.interrupted else 0}
     _evaluate_after(run)
     _save(run)
     _merge_check(run)
@@ -167,6 +215,7 @@ def _checks(recipe: Recipe, resume, world_size: int, overwrite: bool = False):
     out = recipe.out_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output path {out} exists and is not a folder")
+    check_writable(out)  # before anything loads: an unwritable --out must not cost a whole run
     previous = [n for n in RUN_FILES if (out / n).exists()] if resume is None and not overwrite else []
     if previous:
         raise RecipeError(f"output folder {out} holds a previous run ({', '.join(previous)}); pass --overwrite to "
@@ -198,6 +247,7 @@ def preflight(recipe: Recipe, *, resume: str | Path | None = None, world_size: i
     resolve_device(recipe.device, recipe.precision)
     resolve_model(recipe.model)
     load_data(recipe)
+    load_held_out(recipe)
 
 
 def _rank_log(log: Callable[[str], None], dist) -> Callable[[str], None]:
@@ -222,6 +272,12 @@ def _load(run: Run, threads: int | None, device) -> None:
                           "micro-batch "
                           f"(batch_size {recipe.batch_size} x {run.shards} processes)")
     run.plan = plan(run.model, prep.config)  # a target that matches nothing fails now, not after the evaluation
+    if recipe.epochs is not None:
+        _steps_from_epochs(run)
+    _check_memory(run)
+    run.checks["truncation"] = prep.truncation()
+    if (message := truncation_message(run.checks["truncation"])) is not None:
+        run.log(message)
     if ckpt is None:
         return
     if ckpt.state["data"].get("train_fingerprint") != data_mod.fingerprint(prep.splits.train):
@@ -230,12 +286,42 @@ def _load(run: Run, threads: int | None, device) -> None:
                               "(the data file or the split fields changed)")
     job_state = ckpt.state.get("job", {})
     run.before, run.samples = job_state.get("before"), job_state.get("samples", [])
+    run.before_preds = job_state.get("before_predictions")  # absent in checkpoints of older versions
     run.log(f"resuming from {ckpt.folder} (step {ckpt.step} of {recipe.steps})"
             + (f"; changed: {', '.join(run.changed)}" if run.changed else ""))
     if run.shards != run.world_size:
         run.log(f"the checkpoint was trained by {run.shards} processes: each process here takes "
                 f"{run.shards // run.world_size} "
                 f"of the {run.shards} slices of every global micro-batch, one after the other (same global batch)")
+
+
+def _check_memory(run: Run) -> None:
+    """A training step's peak memory, estimated before any work, against what the machine has."""
+    recipe, prep = run.recipe, run.prep
+    on = want_checkpointing(recipe.gradient_checkpointing, recipe.batch_size * recipe.max_length) \
+        and recipe.task != "classify-head"
+    estimate = step_estimate(run.model, run.plan, recipe, on, prep.device)
+    available = available_bytes(prep.device)
+    run.checks["estimate"] = {**estimate, "available": available}
+    found = check_message(estimate, available, recipe)
+    if found is None:
+        return
+    message, refuse = found
+    if refuse and run.memory_check:
+        raise RecipeError(message)
+    run.log("warning: " + message)
+
+
+def _steps_from_epochs(run: Run) -> None:
+    """`epochs` -> `steps`: whole global micro-batches per pass over the training split (a short last one
+    is dropped), `grad_accum` of them a step."""
+    recipe = run.recipe
+    per_epoch = data_mod.batches_per_epoch(len(run.prep.train_items), run.global_micro) / recipe.grad_accum
+    steps = max(1, math.ceil(recipe.epochs * per_epoch - 1e-9))
+    run.recipe = recipe.replace(steps=steps)
+    n = len(run.prep.train_items)
+    run.log(f"epochs {recipe.epochs:g}: {steps} steps ({per_epoch:g} steps per pass over the {n} training "
+            f"{'rows' if recipe.packing else 'examples'})")
 
 
 def _evaluate_before(run: Run) -> None:
@@ -248,11 +334,15 @@ def _evaluate_before(run: Run) -> None:
             run.log(f"{run.out / 'checkpoints'} holds a checkpoint of an earlier run (step {earlier}); this run "
                     "replaces it "
                     f"(lorakit train --resume {run.out} would have continued it)")
+    if not run.eval_before:
+        run.log("not evaluating the base model (--no-eval-before): the report has no before / gain")
+        return
     t = time.perf_counter()
     if run.is_main:
         test = run.prep.splits.test
         run.log(f"evaluating the base model on {len(test)} held-out test examples")
-        run.before, _ = run.prep.evaluate(run.model, test)
+        run.before, preds = run.prep.evaluate(run.model, test, desc="evaluating the base model", log=run.log)
+        run.before_preds = preds if "accuracy" in run.before else None  # labels; a loss task's are per-example losses
         run.samples = _samples(run.prep, run.model, "before") if run.recipe.task == "instruct" else []
         run.log("before: " + _summary(run.before))
     run.timings["eval_before_seconds"] = time.perf_counter() - t
@@ -290,6 +380,7 @@ def _memory_plan(run: Run) -> None:
     on = want_checkpointing(recipe.gradient_checkpointing, tokens) and recipe.task != "classify-head"
     how = enable_checkpointing(model) if on else None
     run.checks["memory"] = {
+        "estimate": run.checks.get("estimate"),
         "gradient_checkpointing": {"mode": recipe.gradient_checkpointing, "enabled": on, "how": how,
                                    "tokens_per_micro_batch": tokens},
         "loss": "chunked cross-entropy (lorakit.ops.loss)" if recipe.task != "classify-head" else "head logits",
@@ -328,7 +419,7 @@ def _checkpoint_saver(run: Run):
                         data={"global_micro_batch": run.global_micro, "shards": run.shards,
                               "micro_batches_consumed": step * recipe.grad_accum, "seed": recipe.seed,
                               "train_fingerprint": train_fingerprint},
-                        job={"before": run.before, "samples": run.samples})
+                        job={"before": run.before, "samples": run.samples, "before_predictions": run.before_preds})
     return save_checkpoint
 
 
@@ -340,6 +431,10 @@ def _train(run: Run) -> None:
                           grad_accum=recipe.grad_accum * (run.shards // run.world_size), eval_every=recipe.eval_every,
                           log_every=max(1, min(10, recipe.steps // 8)), loraplus_ratio=recipe.loraplus_ratio,
                           save_every=recipe.checkpoint_every, stop_after=run.stop_after)
+    if run.tensorboard and run.is_main:
+        run.tb = TensorBoardLog(run.out / "tensorboard")
+        loop_cfg.on_step = run.tb.step
+        run.log(f"TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.writer = CheckpointWriter(run.out, resumed_from=run.ckpt.folder if run.ckpt is not None else None)
     wants_checkpoints = recipe.checkpoint_every > 0 or run.stop_after is not None
     if run.ckpt is not None:
@@ -349,12 +444,15 @@ def _train(run: Run) -> None:
     loss_model = TaskLoss(prep.task, run.model)  # the loss as a forward that DDP / FSDP2 see
     forward_model = run.dist.wrap(loss_model) if run.dist is not None else loss_model
     t = time.perf_counter()
+    saver = _checkpoint_saver(run)
+    # one process: a signal stops after the current step with a checkpoint (several: torchrun handles it)
+    run.stop = GracefulStop(run.log, saver) if run.dist is None else None
     try:
-        run.result = train(forward_model, _call, _local_batches(run), loop_cfg, device=prep.device,
-                           dtype=prep.dtype,
-                           evaluate=_validation(run, forward_model), log=run.log,
-                           resume=run.ckpt.loop_state() if run.ckpt is not None else None,
-                           checkpoint=_checkpoint_saver(run) if wants_checkpoints else None, sync=run.dist)
+        with run.stop or contextlib.nullcontext():
+            run.result = train(forward_model, _call, _local_batches(run), loop_cfg, device=prep.device,
+                               dtype=prep.dtype, evaluate=_validation(run, forward_model), log=run.log,
+                               resume=run.ckpt.loop_state() if run.ckpt is not None else None,
+                               checkpoint=saver if wants_checkpoints else None, sync=run.dist, interrupt=run.stop)
     except TrainingDiverged as exc:
         kept = run.writer.latest
         where = (f"the last good checkpoint is {kept} (step {int(kept.name.split('-')[1])})" if kept is not None
@@ -367,7 +465,10 @@ def _validation(run: Run, forward_model):
     """The validation loss as the loop calls it; under FSDP2 inside the root module's forward, which
     gathers the parameters it holds (the embeddings, the final norm, the head)."""
     def validate(model):
-        return run.prep.evaluate(model, run.prep.splits.val)[0]
+        metrics = run.prep.evaluate(model, run.prep.splits.val)[0]
+        if run.tb is not None:
+            run.tb.metrics("val", metrics)
+        return metrics
 
     if run.recipe.parallel == "fsdp2" and run.dist is not None:
         return lambda: forward_model(evaluate=validate)
@@ -410,10 +511,14 @@ def _leave_group(run: Run) -> bool:
 # ---------------------------------------------------------------------- after training
 def _evaluate_after(run: Run) -> None:
     t = time.perf_counter()
-    run.checks["after"], run.checks["preds"] = run.prep.evaluate(run.model, run.prep.splits.test)
+    run.checks["after"], run.checks["preds"] = run.prep.evaluate(run.model, run.prep.splits.test,
+                                                                 desc="evaluating the trained model", log=run.log)
     if run.recipe.task == "instruct":
         run.samples = [{**s, "after": a} for s, a in zip(run.samples, _samples(run.prep, run.model, "after"))]
     run.timings["eval_after_seconds"] = time.perf_counter() - t
+    if run.tb is not None:
+        run.tb.metrics("test", run.before, step=0)
+        run.tb.metrics("test", run.checks["after"])
     run.log("after: " + _summary(run.checks["after"]))
 
 
@@ -427,7 +532,7 @@ def _save(run: Run) -> None:
     if prep.qera is not None:  # one adapter = trained + correction, exact: it loads on a plain NF4 base
         fold_corrections(run.model)
     save_adapter(run.model, run.adapter_dir)
-    info = {"lorakit_version": __version__, "recipe": run.recipe.to_dict(), "model": prep.model_info(),
+    info = {"lorakit_version": __version__, "recipe": prep.saved_recipe(run.recipe), "model": prep.model_info(),
             "data": prep.split_info(), "task": prep.task.describe(), "test_metrics": run.checks["after"],
             "environment": {"device": str(prep.device), "precision": "bf16" if prep.dtype is not None else "fp32"}}
     write_json(run.adapter_dir / TRAIN_INFO, info)
@@ -435,30 +540,39 @@ def _save(run: Run) -> None:
 
 
 def _merge_check(run: Run) -> None:
-    """Merged vs unmerged: the same logits (to float rounding) and the same test predictions."""
+    """Merged vs unmerged: the same logits (to float rounding) and the same test predictions, on the
+    first two evaluation batches of the test split (`merge_check="full"`: all of it; "off": skipped)."""
     prep, test = run.prep, run.prep.splits.test
     t = time.perf_counter()
     probe = test[:PROBE_EXAMPLES]
     run.checks["unmerged_logits"] = prep.task.probe(run.model, probe, prep.device, prep.dtype)
+    if run.merge_check == "off":
+        run.log("not checking the merged model (--no-merge-check)")
+        run.model = run.prep.model = None
+        return
     if prep.quantization is not None:  # dequantize + delta in float32 -> a dense model; rounding error reported
         merged_model, merge_rounding = merge_quantized(run.model)
         prep.quantization["merge"] = merge_rounding.as_dict()
     else:
         merged_model = merge_and_unload(run.model)
     run.checks["merged_logits"] = prep.task.probe(merged_model, probe, prep.device, prep.dtype)
-    run.checks["merged"], merged_preds = prep.evaluate(merged_model, test)
-    preds = run.checks["preds"]
+    subset = test if run.merge_check == "full" else test[:2 * run.recipe.eval_batch_size]
+    run.checks["merged"], merged_preds = prep.evaluate(merged_model, subset, desc="checking the merged model",
+                                                       log=run.log)
+    run.checks["merged_preds"] = merged_preds if len(subset) == len(test) else None
+    preds = run.checks["preds"][:len(subset)]
     if run.recipe.task in LOSS_TASKS:  # "predictions" are per-example losses: equal to float rounding
         run.checks["compared"] = "per-example test losses (|diff| <= 1e-4)"
         diffs = sum(abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(preds, merged_preds))
     else:
         run.checks["compared"] = "test predictions"
         diffs = sum(a != b for a, b in zip(preds, merged_preds))
-    run.checks["diffs"] = diffs
+    run.checks["diffs"], run.checks["merged_examples"] = diffs, len(subset)
     run.timings["merge_check_seconds"] = time.perf_counter() - t
     run.log(f"merged: {_summary(run.checks['merged'])}; logits max |diff| vs unmerged "
-            f"{_max_diff(run.checks['merged_logits'], run.checks['unmerged_logits']):.3g}; {diffs} of {len(test)} "
-            f"{run.checks['compared']} differ")
+            f"{_max_diff(run.checks['merged_logits'], run.checks['unmerged_logits']):.3g}; {diffs} of {len(subset)} "
+            f"{run.checks['compared']} differ" + (f" (the first {len(subset)} of {len(test)} test examples; "
+                                                 "--merge-check full: all)" if len(subset) < len(test) else ""))
     run.model = run.prep.model = None  # free them before the reload check
 
 
@@ -478,10 +592,11 @@ def _report(run: Run) -> dict[str, Any]:
     run.timings["total_seconds"] = time.perf_counter() - run.t_start
     trainable, total = run.checks["counts"]
     report: dict[str, Any] = {
-        "recipe": recipe.to_dict(), "model": c["info"]["model"], "data": c["info"]["data"],
+        "recipe": c["info"]["recipe"], "model": c["info"]["model"], "data": c["info"]["data"],
         "task": prep.task.describe(),
         "metric_names": ["loss", "perplexity"] if recipe.task in LOSS_TASKS else ["accuracy", "loss"],
-        "test": {"before": run.before, "after": c["after"], "merged": c["merged"]},
+        "test": {k: v for k, v in (("before", run.before), ("after", c["after"]), ("merged", c.get("merged")))
+                 if v is not None},
         "lora": {"config": config.to_peft_dict(), "targets": config.target_modules,
                  "adapted_modules": len(run.plan.targets),
                  "trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
@@ -492,23 +607,31 @@ def _report(run: Run) -> dict[str, Any]:
                         "resumed_at_step": run.ckpt.step if run.ckpt is not None else None,
                         "changed_on_resume": run.changed},
         "checks": {
-            "merged_vs_unmerged_max_abs_diff": _max_diff(c["merged_logits"], c["unmerged_logits"]),
-            "merged_predictions_equal": c["diffs"] == 0, "merged_prediction_differences": c["diffs"],
-            "merged_compared": c["compared"],
+            "merge_check": run.merge_check, "merged_examples": c.get("merged_examples"),
+            "merged_vs_unmerged_max_abs_diff": _max_diff(c["merged_logits"], c["unmerged_logits"])
+            if "merged_logits" in c else None,
+            "merged_predictions_equal": c["diffs"] == 0 if "diffs" in c else None,
+            "merged_prediction_differences": c.get("diffs"), "merged_compared": c.get("compared"),
             "reload_max_abs_diff": _max_diff(c["reload_logits"], c["unmerged_logits"]),
             "reload_identical": bool(torch.equal(c["reload_logits"], c["unmerged_logits"])),
         },
-        "adapter": {"path": str(run.adapter_dir),
+        "adapter": {"path": str(run.adapter_dir.resolve()),
                     "bytes": sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())},
         "verify": c["verify"],
-        "memory": c["memory"],
+        "memory": c["memory"], "truncation": c["truncation"],
         "base_weights": prep.base_weights, "quantization": prep.quantization, "timings": run.timings,
         "environment": prep.environment(),
     }
     if run.distributed is not None:
         report["distributed"] = run.distributed
-    if "accuracy" in run.before:
-        report["gain_points"] = 100 * (c["after"]["accuracy"] - run.before["accuracy"])
+    if "accuracy" in c["after"]:
+        if run.before is not None:
+            report["gain_points"] = 100 * (c["after"]["accuracy"] - run.before["accuracy"])
+        report["test"]["stats"] = stats = classification_summary(
+            [e["label"] for e in prep.splits.test], prep.task.labels,
+            {"before": run.before_preds, "after": c["preds"], "merged": c.get("merged_preds")})
+        for warning in stats["warnings"]:
+            run.log("warning: " + warning)
     if run.samples:
         report["samples"] = run.samples
     write_report(run.out, report, result.history, result.evals)

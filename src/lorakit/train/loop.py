@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import resource
 import sys
@@ -30,6 +31,8 @@ import torch
 
 from ..errors import UsageError
 from .errors import TrainingDiverged
+from .progress import eta_text
+from .stats import wilson
 from .tasks import autocast
 from ..loraplus import loraplus_param_groups
 
@@ -50,6 +53,7 @@ class LoopConfig:
     loraplus_ratio: float = 0.0  # LoRA+: B's learning rate = ratio x lr (0: one group at lr)
     save_every: int = 0  # call `checkpoint` every N steps and after the last step (0: never)
     stop_after: int | None = None  # stop after this step (with a checkpoint when `checkpoint` is given)
+    on_step: Callable[[dict[str, float]], None] | None = None  # called with each step's history record
 
 
 @dataclass
@@ -67,6 +71,7 @@ class LoopResult:
     step_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of this process (all threads) in each
     start_step: int = 0  # the step this process started from (0, or a checkpoint's step)
     last_step: int = 0  # the last step done (config.steps, or stop_after)
+    interrupted: bool = False  # stopped early at a signal (`train`'s `interrupt`), with a checkpoint
 
     @property
     def tokens_per_second(self) -> float:
@@ -154,6 +159,10 @@ def _evaluate(evaluate, step: int, result: LoopResult, log: Callable[[str], None
     result.eval_seconds += time.perf_counter() - t
     result.evals.append({"step": step, **metrics})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    if isinstance(metrics.get("accuracy"), float) and metrics.get("n"):  # a small validation split is uncertain
+        n = int(metrics["n"])
+        low, high = wilson(round(metrics["accuracy"] * n), n)
+        shown += f" (accuracy 95% CI {low:.3f}-{high:.3f}, n={n})"
     with tqdm.external_write_mode(file=sys.stderr):  # keeps a live progress bar intact
         log(f"eval @ step {step}: {shown}")
 
@@ -171,12 +180,16 @@ def _record_step(result: LoopResult, step: int, seconds: float, cpu_seconds: flo
 def _show_step(bar, log: Callable[[str], None], is_main: bool, config: LoopConfig, result: LoopResult) -> None:
     """Advance the progress bar; without one (not a terminal), log every `log_every` steps."""
     h = result.history[-1]
+    if config.on_step is not None:
+        config.on_step(h)
     bar.update(1)
     bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}")
     step = h["step"]
     if bar.disable and is_main and (step % config.log_every == 0 or step == 1 or step == config.steps):
+        done = len(result.step_seconds)  # steps this process ran (a resumed run's pace is its own)
+        eta = eta_text(done, done + config.steps - step, sum(result.step_seconds))
         log(f"step {step}/{config.steps}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  grad_norm {h['grad_norm']:.3f}  "
-            f"{result.tokens_per_second:.0f} tok/s")
+            f"{result.tokens_per_second:.0f} tok/s" + (f"  {eta}" if eta else ""))
 
 
 def _accumulate(model, loss_fn, batches, config: LoopConfig, device, dtype, sync, step: int) -> tuple[float, int]:
@@ -256,6 +269,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def _checkpoint_or_stop(step: int, last: int, config: LoopConfig, checkpoint, interrupt, state) -> bool:
+    """Checkpoint every `save_every` steps and at the last; True (after a checkpoint) when `interrupt`
+    asks to stop before the last step."""
+    saved = checkpoint is not None and (step == last or bool(config.save_every and step % config.save_every == 0))
+    if saved:
+        checkpoint(step, *state)
+    if step < last and interrupt is not None and interrupt.requested():
+        if not saved and interrupt.checkpoint is not None:
+            interrupt.checkpoint(step, *state)
+        state[2].interrupted = True
+        return True
+    return False
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
@@ -269,6 +296,7 @@ def train(
     resume: LoopState | None = None,
     checkpoint: Callable[[int, torch.optim.Optimizer, Any, LoopResult], None] | None = None,
     sync: Any = None,
+    interrupt: Any = None,
 ) -> LoopResult:
     """Optimise the trainable parameters of `model` for `config.steps` steps.
 
@@ -283,6 +311,9 @@ def train(
         checkpoint: `(step, optimizer, scheduler, result)`, called every `save_every` steps,
             after the last step and at `stop_after` (after that step's evaluation).
         sync: the distributed helper (see the module docstring); None for one process.
+        interrupt: an object with `requested() -> bool` and `checkpoint` (a `checkpoint`-like
+            callable or None): once requested, the loop stops after the current step, writes a
+            checkpoint and returns with `result.interrupted` (no final evaluation).
     Returns:
         The `LoopResult`; `last_step` is `config.steps`, or `stop_after` when it stopped early
         (then the final evaluation is skipped and the model stays in training mode).
@@ -298,10 +329,7 @@ def train(
     optimizer, scheduler, result = _start(model, params, config, resume)
     first = result.start_step + 1
     last = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
-
-    def run_eval(step: int) -> None:
-        _evaluate(evaluate, step, result, log)
-
+    run_eval = functools.partial(_evaluate, evaluate, result=result, log=log)  # run_eval(step)
     if first == 1:
         run_eval(0)
     model.train()
@@ -323,12 +351,12 @@ def train(
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 run_eval(step)
                 model.train()
-            if checkpoint is not None and (step == last or (config.save_every and step % config.save_every == 0)):
-                checkpoint(step, optimizer, scheduler, result)
+            if _checkpoint_or_stop(step, last, config, checkpoint, interrupt, (optimizer, scheduler, result)):
+                break
     finally:
         bar.close()
     result.last_step = max(result.last_step, first - 1)
-    if last < config.steps:
+    if last < config.steps or result.interrupted:
         return result
     run_eval(config.steps)
     model.eval()

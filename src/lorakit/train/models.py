@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import set_plain_modes
 from .errors import ModelLoadError
 from ..merge import count_parameters
 
@@ -132,6 +133,7 @@ def converted_gguf(gguf: Path, log=None) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / "lorakit_source.txt").write_text(f"{gguf}\nsha256 {digest}\n", encoding="utf-8")
+        set_plain_modes(tmp)  # mkdtemp and the weights' tempfile make 0700 / 0600
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race

@@ -19,11 +19,13 @@ from ..quant import base_weight_memory, bits_per_param, quantize
 from ..quant.qera import qera_quantize
 from ..version import __version__
 from . import data as data_mod
-from .models import count_all, load_model, resolve_device, resolve_model, set_threads, sha256_file
+from .models import count_all, load_model, model_folder, resolve_device, resolve_model, set_threads, sha256_file
 from .packing import pack, padding_report
+from .progress import forward_progress
 from .errors import RecipeError
 from .recipe import Recipe
 from .tasks import TASK_CLASSES, Task
+from .truncation import truncation_report
 from .text import TextTask, block_dataset, document_dataset
 
 TASKS = {**TASK_CLASSES, TextTask.name: TextTask}
@@ -41,6 +43,12 @@ def load_data(recipe: Recipe) -> data_mod.Dataset:
     return data_mod.load_dataset(recipe)
 
 
+def load_held_out(recipe: Recipe) -> dict[str, data_mod.Dataset]:
+    """The files `recipe.test_data` / `recipe.val_data` name (same task and fields as `data`), checked."""
+    files = {"test": recipe.test_data, "val": recipe.val_data}
+    return {split: data_mod.load_dataset(recipe.replace(data=path)) for split, path in files.items() if path}
+
+
 def make_task(recipe: Recipe, tokenizer, examples) -> Task:
     """The task object of `recipe.task`, set up from the tokenizer and all examples (for the label set)."""
     return TASKS[recipe.task](recipe, tokenizer, examples)
@@ -52,6 +60,16 @@ def lora_config_for(recipe: Recipe, model_name: str) -> LoraConfig:
         base_model_name_or_path=model_name,
         task_type="SEQ_CLS" if recipe.task == "classify-head" else "CAUSAL_LM",
     )
+
+
+def quantize_base(model, recipe: Recipe, config: LoraConfig, dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """The frozen base as `recipe.quantize` wants it (no QERA correction: a saved adapter holds it);
+    the `bits_per_param` figures, or None for `quantize: none`."""
+    if recipe.quantize == "none":
+        return None
+    quantize(model, recipe.quantize, double_quant=True, compute_dtype=dtype or torch.float32,
+             exclude_modules=config.modules_to_save or None)
+    return bits_per_param(model).as_dict()
 
 
 class Prepared:
@@ -67,6 +85,7 @@ class Prepared:
         self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
         self.config = lora_config_for(recipe, self.source.name)  # the run's one LoraConfig
         data = load_data(recipe)  # bad data fails here too (the text task's blocks need the tokenizer)
+        self.held_out = load_held_out(recipe)  # --test-data / --val-data: used whole
         if data.skipped:
             log(f"skipped {data.skipped} rows with an empty text/prompt/response")
         if os.environ.get("LORAKIT_BUSY_CPU"):
@@ -75,13 +94,17 @@ class Prepared:
         t = time.perf_counter()
         self.model, self.tokenizer = self._load_model(data, log)
         self.load_seconds = time.perf_counter() - t
+        # the adapter names a folder PEFT and transformers open offline (a GGUF's cached conversion), not "smollm2"
+        self.base_path = model_folder(self.source).resolve()
+        self.config = self.config.replace(base_model_name_or_path=str(self.base_path))
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and recipe.max_length > limit:
             raise RecipeError(f"recipe field 'max_length' is {recipe.max_length}, beyond the model's {limit} positions")
         self.model.to(self.device)
         self.dataset = block_dataset(data, self.tokenizer, recipe.max_length) if recipe.task == "text" else data
         self.splits = self._split(log)
-        self.task = make_task(recipe, self.tokenizer, self.dataset.examples)
+        every = self.dataset.examples + [e for ds in self.held_out.values() for e in ds.examples]
+        self.task = make_task(recipe, self.tokenizer, every)  # the label set of every file
         # what the training stream draws batches from: examples, or packed rows of examples
         self.train_items = self._packed_rows() if recipe.packing else self.splits.train
         self.qera = None
@@ -102,12 +125,21 @@ class Prepared:
 
     def _split(self, log) -> data_mod.Splits:
         recipe, examples = self.recipe, self.dataset.examples
-        splits = data_mod.split(examples, recipe.test_size, recipe.val_size, recipe.split_seed)
+        held = self.held_out
+        given = {data_mod.example_key(e) for ds in held.values() for e in ds.examples}
+        pool = [e for e in examples if data_mod.example_key(e) not in given]  # never train on a held-out file
+        if len(pool) < len(examples):
+            log(f"dropped {len(examples) - len(pool)} examples of {self.dataset.name} whose text is also in "
+                f"{' / '.join(ds.name for ds in held.values())} (held out: never trained on)")
+        splits = data_mod.split(pool, 0 if "test" in held else recipe.test_size,
+                                0 if "val" in held else recipe.val_size, recipe.split_seed)
+        for name, ds in held.items():
+            setattr(splits, name, list(ds.examples))
         s = splits.sizes()
         unit = "blocks" if recipe.task == "text" else "examples"
         log(f"recipe {recipe.name!r}: model {recipe.model}, task {recipe.task}; data {self.dataset.name}: "
             f"{len(examples)} {unit} -> train {s['train']}, val {s['val']}, test {s['test']}")
-        if s["test"] < recipe.test_size or s["val"] < recipe.val_size:
+        if ("test" not in held and s["test"] < recipe.test_size) or ("val" not in held and s["val"] < recipe.val_size):
             log(f"note: the held-out splits are smaller than asked (test_size {recipe.test_size}, val_size "
                 f"{recipe.val_size}): they take at most 20% and 10% of the {len(examples)} {unit}")
         return splits
@@ -127,6 +159,12 @@ class Prepared:
         return {**report, "packing": self.recipe.packing,
                 "padding": report["padding_after" if self.recipe.packing else "padding_before"]}
 
+    def truncation(self) -> dict[str, Any]:
+        """How much `max_length` cuts of each split (`truncation.truncation_report`)."""
+        positions = getattr(self.model.config, "max_position_embeddings", None) if self.model is not None else None
+        splits = {"train": self.splits.train, "test": self.splits.test}
+        return truncation_report(self.task, splits, self.recipe.max_length, positions)
+
     def quantize(self, model, *, correct: bool = False,
                  log: Callable[[str], None] = stderr_log) -> dict[str, Any] | None:
         """QLoRA (recipe `quantize: nf4`): every linear layer but the head and `modules_to_save` -> 4-bit NF4,
@@ -143,9 +181,7 @@ class Prepared:
         compute_dtype = self.dtype or torch.float32
         exclude = self.config.modules_to_save or None  # trained in full: not quantized
         if not (correct and self.recipe.qera_rank):
-            quantize(model, self.recipe.quantize, double_quant=True, compute_dtype=compute_dtype,
-                     exclude_modules=exclude)
-            return bits_per_param(model).as_dict()
+            return quantize_base(model, self.recipe, self.config, self.dtype)
         t = time.perf_counter()
         examples = self.splits.train[:self.recipe.calibration_size]
         b = self.recipe.eval_batch_size
@@ -170,15 +206,36 @@ class Prepared:
         self.quantize(model)
         return model
 
-    def evaluate(self, model, examples):
-        return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+    def evaluate(self, model, examples, desc: str | None = None, log: Callable[[str], None] | None = None):
+        """The task's metrics and predictions on `examples`; with `desc`, progress and an ETA on stderr."""
+        if desc is None or not examples:
+            return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
+        batches = -(-len(examples) // self.recipe.eval_batch_size)
+        answers = getattr(self.task, "answer_ids", [])
+        passes = 1 if getattr(self.task, "single_token", True) else 1 + len(answers)
+        with forward_progress(model, batches * passes, desc, log or stderr_log):
+            return self.task.evaluate(model, examples, self.recipe.eval_batch_size, self.device, self.dtype)
 
     def split_info(self) -> dict[str, Any]:
         return {"name": self.dataset.name, "sizes": self.splits.sizes(), "split_seed": self.recipe.split_seed,
-                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples)}
+                "test_fingerprint": data_mod.fingerprint(self.splits.test), "total": len(self.dataset.examples),
+                "path": data_mod.absolute_spec(self.recipe.data), "sha256": data_mod.spec_sha256(self.recipe.data),
+                **{f"{split}_file": {"path": data_mod.absolute_spec(ds.name), "sha256": data_mod.spec_sha256(ds.name)}
+                   for split, ds in self.held_out.items()}}
+
+    def saved_recipe(self, recipe: Recipe | None = None) -> dict[str, Any]:
+        """The recipe (default: this one; a job passes its own when `epochs` decided the steps) as saved
+        with the run: data and model paths absolute, so `lorakit eval` and `lorakit merge` work from
+        any folder."""
+        recipe = recipe or self.recipe
+        builtin = self.source.name != str(self.source.path)  # a built-in name stays a name
+        model = recipe.model if builtin else str(self.source.path.resolve())
+        paths = {k: data_mod.absolute_spec(getattr(recipe, k)) for k in ("data", "test_data", "val_data")
+                 if getattr(recipe, k)}
+        return {**recipe.to_dict(), **paths, "model": model}
 
     def model_info(self) -> dict[str, Any]:
-        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path),
+        info = {"name": self.source.name, "spec": self.source.spec, "path": str(self.source.path.resolve()),
                 "class": type(self.model).__name__, "parameters": count_all(self.model)}
         if self.source.gguf:
             info["gguf_sha256"] = sha256_file(self.source.path)

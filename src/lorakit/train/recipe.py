@@ -8,6 +8,7 @@ rebuild the same model, data split and scoring from the saved files alone.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -51,10 +52,14 @@ class Recipe:
             `.jsonl` / `.csv` file, or for `text` one or more `.txt` / `.jsonl` files (comma-separated,
             or a folder of `.txt` files; a `.jsonl` file's `text_field` holds the documents).
         text_field, label_field: columns of a classification file.
+        encoding: the text encoding of a .csv/.jsonl data file (default utf-8; e.g. latin-1, cp1252).
         prompt_field, response_field: columns of an instruction file.
         label_words: label value (as a string) -> answer word for `classify-lm`; default: the label itself.
         prompt_template: `classify-lm` prompt with `{text}` (and optionally `{choices}`); default
             depends on the data.
+        test_data, val_data: a file (same format and fields as `data`) used whole as the test /
+            validation split, never trained on (training examples sharing a text with it are
+            dropped); `test_size` / `val_size` are then not taken from `data`.
         test_size, val_size: held-out examples (deterministic split by `split_seed`; the test
             split is never trained on). Shrunk for small files (at most 20% / 10% of the data).
         lora: `LoraConfig` arguments (`r`, `alpha`, `dropout`, `target_modules`, `modules_to_save`, ...).
@@ -62,9 +67,12 @@ class Recipe:
             cosine / linear decay to 0 (or constant); gradient clipping by global norm (0: off).
         loraplus_ratio: LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's learning rate is this
             many times `lr` (the paper uses 16; `lorakit.loraplus_param_groups`); 0: off.
-        steps: optimizer steps; batch_size: examples per micro-batch (per process: with N processes
-            a step sees `batch_size * grad_accum * N` examples); grad_accum: micro-batches per step.
-        max_length: tokens per example (longer prompts lose their start; responses their end).
+        steps: optimizer steps (`epochs`, when set, decides them: passes over the training split,
+            `ceil(epochs x batches per epoch / grad_accum)`); batch_size: examples per micro-batch
+            (per process: with N processes a step sees `batch_size * grad_accum * N` examples);
+            grad_accum: micro-batches per step.
+        max_length: tokens per example (cut by the task's rule: a document keeps its start, an
+            instruction prompt its end; `lorakit.train.truncation`).
         eval_every: validation every N steps (0: only at the start and the end).
         eval_batch_size: examples per evaluation batch (recorded: results depend on batching only in
             the last float bits, and `lorakit eval` repeats it exactly).
@@ -105,10 +113,13 @@ class Recipe:
     data: str = "rotten-tomatoes"
     text_field: str = "text"
     label_field: str = "label"
+    encoding: str = "utf-8"
     prompt_field: str = "prompt"
     response_field: str = "response"
     label_words: dict[str, str] | None = None
     prompt_template: str | None = None
+    test_data: str | None = None
+    val_data: str | None = None
     test_size: int = 500
     val_size: int = 64
     split_seed: int = 0
@@ -121,6 +132,7 @@ class Recipe:
     grad_clip: float = 1.0
     loraplus_ratio: float = 0.0
     steps: int = 40
+    epochs: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 96
@@ -150,6 +162,18 @@ class Recipe:
             if not isinstance(value, str) or not value.strip():
                 raise RecipeError(f"recipe field {name!r} must be a non-empty string, got {value!r}")
         _choice("task", self.task, TASKS)
+        for name in ("test_data", "val_data"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise RecipeError(f"recipe field {name!r} must be a data file or null, got {value!r}")
+            if value is not None and self.task == "text":
+                raise RecipeError(f"recipe field {name!r} is not supported with task 'text' (its held-out blocks "
+                                  "come from the --data documents)")
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise RecipeError(f"recipe field 'encoding' is {self.encoding!r}, not a text encoding Python knows "
+                              "(e.g. utf-8, latin-1, cp1252)") from None
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
@@ -164,6 +188,9 @@ class Recipe:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "test_size", "val_size",
                      "calibration_size"):
             _int(name, getattr(self, name), minimum=1)
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float))
+                                        or not 0 < self.epochs < 1e6):
+            raise RecipeError(f"recipe field 'epochs' must be a number > 0 (or null: use steps), got {self.epochs!r}")
         for name in ("warmup_steps", "eval_every", "seed", "split_seed", "qera_rank"):
             _int(name, getattr(self, name), minimum=0)
         if self.threads is not None:

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_text
+from .recipe import PRESETS
+from .truncation import truncation_message
+
+PRESET_NAMES = tuple(PRESETS)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -82,24 +86,71 @@ def _coverage_lines(v: dict | None) -> list[str]:
     return lines
 
 
+def run_title(report: dict[str, Any]) -> str:
+    """What the run was, named after its task and data (not the preset it started from)."""
+    rec, data = report["recipe"], Path(str(report["data"]["name"])).name
+    title = f"{rec['task']} on {data}"
+    return title if rec["name"] in PRESET_NAMES else f"{title} ({rec['name']})"  # a name the user chose
+
+
+def _pct(a: dict[str, Any]) -> str:
+    return f"{100 * a['accuracy']:.1f}% (95% CI {100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%, n={a['n']})"
+
+
+def _stats_lines(st: dict[str, Any] | None) -> list[str]:
+    """Baseline, intervals, predicted counts, confusion matrix and warnings of a classification run."""
+    if not st:
+        return []
+    base = st["majority_baseline"]
+    lines = ["### What the accuracy means", "",
+             f"- always answering the majority class `{base['label']}`: {_pct(base)}"]
+    lines += [f"- {form}: {_pct(a)}" for form, a in st["accuracy"].items()]
+    if "gain" in st:
+        g = st["gain"]
+        lines.append(f"- gain {100 * g['gain']:+.1f} points, 95% CI {100 * g['ci95'][0]:+.1f} to "
+                     f"{100 * g['ci95'][1]:+.1f} (paired, Newcombe): {g['gained']} examples wrong -> right, "
+                     f"{g['lost']} right -> wrong")
+    forms = list(st["predicted_counts"])
+    lines += ["", "| label | in the test split | " + " | ".join(f"predicted {f}" for f in forms) + " |",
+              "|---|---|" + "---|" * len(forms)]
+    lines += [f"| `{label}` | {st['gold_counts'][label]} | "
+              + " | ".join(str(st["predicted_counts"][f][label]) for f in forms) + " |" for label in st["labels"]]
+    if "after" in st["confusion"]:
+        lines += ["", "Confusion matrix after training (rows: true label, columns: predicted):", "",
+                  "| | " + " | ".join(f"`{label}`" for label in st["labels"]) + " |",
+                  "|---|" + "---|" * len(st["labels"])]
+        lines += [f"| `{label}` | " + " | ".join(map(str, row)) + " |"
+                  for label, row in zip(st["labels"], st["confusion"]["after"])]
+    lines.append("")
+    lines += [f"> **Warning:** {w}" for w in st["warnings"]] + ([""] if st["warnings"] else [])
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of `report`."""
     r = report
     rec = r["recipe"]
-    lines = [f"# lorakit train: {rec['name']}", ""]
+    lines = [f"# lorakit train: {run_title(r)}", ""]
     lines += [f"Model `{r['model']['name']}` ({r['model']['parameters']:,} parameters), task `{rec['task']}`, "
               f"data `{r['data']['name']}` (train {r['data']['sizes']['train']}, validation "
               f"{r['data']['sizes']['val']}, "
               f"held-out test {r['data']['sizes']['test']}; split seed {rec['split_seed']}).", ""]
+    cut = truncation_message(r["truncation"]) if r.get("truncation") else None
+    lines += [f"**Truncated:** {cut.removeprefix('truncation: ')}.", ""] if cut else []
     lines += ["## Held-out test split", "", "| model | " + " | ".join(r["metric_names"]) + " |",
               "|---|" + "---|" * len(r["metric_names"])]
+    k, n = r["checks"].get("merged_examples"), r["data"]["sizes"]["test"]
+    merged_label = "after, merged (merge_and_unload)" + (f", first {k} of {n} examples" if k and k < n else "")
     for label, key in (("before training (base model)", "before"), ("after LoRA training", "after"),
-                       ("after, merged (merge_and_unload)", "merged")):
+                       (merged_label, "merged")):
         if key in r["test"]:
             lines.append(f"| {label} | " + " | ".join(_fmt(r["test"][key].get(m)) for m in r["metric_names"]) + " |")
     lines.append("")
     if "gain_points" in r:
-        lines += [f"Accuracy gain: **{r['gain_points']:+.1f} points**.", ""]
+        gain = r["test"].get("stats", {}).get("gain")
+        ci = f" (95% CI {100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, paired)" if gain else ""
+        lines += [f"Accuracy gain: **{r['gain_points']:+.1f} points**{ci}.", ""]
+    lines += _stats_lines(r["test"].get("stats"))
     lora = r["lora"]
     lines += ["## LoRA", "",
               f"- r={lora['config']['r']}, alpha={lora['config']['lora_alpha']}, target modules: `{lora['targets']}` "
@@ -120,10 +171,11 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{q['merge']['delta_rms']:.3g})")
         lines.append("")
     c = r["checks"]
-    lines += ["## Checks", "",
-              f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
+    merged = (f"- merged vs unmerged logits: max |diff| = {c['merged_vs_unmerged_max_abs_diff']:.3g}; "
               f"{c.get('merged_compared', 'test predictions')} identical: {c['merged_predictions_equal']} "
-              f"({c['merged_prediction_differences']} differ)",
+              f"({c['merged_prediction_differences']} differ)") if c.get("merged_predictions_equal") is not None \
+        else "- merged model: not checked (--no-merge-check)"
+    lines += ["## Checks", "", merged,
               f"- saved adapter reloaded into a fresh base model: max |logit diff| = "
               f"{c['reload_max_abs_diff']:.3g}"]
     lines += _coverage_lines(r.get("verify")) + [""]
@@ -159,6 +211,6 @@ def write_report(out: Path, report: dict[str, Any], history: list[dict], evals: 
     """Write `report.json`, `report.md` and `loss.png` into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     plot_loss(out / "loss.png", history, evals,
-              f"{report['recipe']['name']}: {report['model']['name']}, LoRA r={report['lora']['config']['r']}")
+              f"{run_title(report)}: {Path(report['model']['name']).name}, LoRA r={report['lora']['config']['r']}")
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))

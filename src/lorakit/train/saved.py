@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import AdapterLoadError, LoraError
+from ..fileio import atomic_output_folder
 from ..io import load_adapter, read_adapter
 from ..merge import merge_and_unload
 from . import data as data_mod
 from .errors import RecipeError
-from .models import quiet_transformers
-from .prepare import Prepared, stderr_log
+from .models import load_model, quiet_transformers, resolve_device, resolve_model
+from .outdir import check_writable
+from .prepare import Prepared, lora_config_for, quantize_base, stderr_log
 from .recipe import Recipe, apply
+from .tasks import autocast
 
 TRAIN_INFO = "lorakit_train.json"
 PROBE_EXAMPLES = 8
@@ -55,17 +60,22 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
 
     Rebuilds model, data split and scoring from `adapter/lorakit_train.json`; when the split is
     the recorded one (same fingerprint) the result is compared with the recorded test metrics.
+    `split="all"`: every example of the recipe's `data` (`lorakit eval --data FILE`).
 
     Returns:
         `{"metrics", "split", "recorded" (or None), "matches_recorded" (bool or None), "recipe"}`.
     """
     recipe, info = recipe_for_adapter(adapter, base, overrides or {})
-    if split not in ("test", "val", "train"):
-        raise RecipeError(f"split must be test, val or train, got {split!r}")
+    if split not in ("test", "val", "train", "all"):
+        raise RecipeError(f"split must be test, val, train or all, got {split!r}")
+    recorded_sha = (info or {}).get("data", {}).get("sha256")
+    if recorded_sha is not None and data_mod.spec_sha256(recipe.data) not in (None, recorded_sha):
+        log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
+            f"{data_mod.spec_sha256(recipe.data)[:12]}... now)")
     prep = Prepared(recipe, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
-    examples = getattr(prep.splits, split)
+    examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
     log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on {len(examples)} {split} examples")
     metrics, _ = prep.evaluate(prep.model, examples)
     recorded, matches = None, None
@@ -80,30 +90,66 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
             "recipe": recipe.to_dict()}
 
 
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Review: a fine film.\nSentiment:")
+
+
+def probe_logits(model, tokenizer, device, dtype=None) -> torch.Tensor:
+    """The model's logits on two fixed texts, float32 on the CPU: a data-free comparison of two forms
+    of one model (merged vs unmerged)."""
+    model.eval()
+    enc = tokenizer(list(PROBE_TEXTS), padding=True, return_tensors="pt").to(device)
+    with torch.no_grad(), autocast(device, dtype):
+        logits = model(**enc).logits
+    return logits.float().cpu()
+
+
+def _base_without_data(recipe: Recipe, info: dict, log: Callable[[str], None]):
+    """`(model, tokenizer, device, dtype)`: a recorded run's base model, loaded as it was trained,
+    without reading its data (a classification head gets the recorded labels)."""
+    device, dtype = resolve_device(recipe.device, recipe.precision)
+    source = resolve_model(recipe.model)
+    config = lora_config_for(recipe, source.name)
+    labels = info.get("task", {}).get("labels") if recipe.task == "classify-head" else None
+    model, tokenizer = load_model(source, "seq-cls" if recipe.task == "classify-head" else "causal-lm",
+                                  num_labels=len(labels) if labels else None, labels=labels, seed=recipe.seed,
+                                  log=log)
+    model.to(device)
+    quantize_base(model, recipe, config, dtype)
+    return model, tokenizer, device, dtype
+
+
 def merge_adapter(adapter: str | Path, out: str | Path, *, base: Recipe | None = None,
                   overrides: dict[str, Any] | None = None,
                   log: Callable[[str], None] = stderr_log) -> dict[str, Any]:
     """Fold a saved adapter into its base model and save the plain model (+ tokenizer) to `out`.
 
-    Returns `{"out", "max_abs_diff"}`: the largest logit difference, merged vs unmerged, on a few
-    examples of the recipe's data.
+    Needs only the adapter and its base model (not the training data): the base is the one
+    recorded in `lorakit_train.json` (an adapter without one needs `base` or `overrides`, and
+    then its recipe's data for a classification head's labels).
+
+    Returns `{"out", "max_abs_diff"}`: the largest logit difference, merged vs unmerged, on two
+    fixed texts.
     Raises:
-        LoraError: `out` exists and is not empty.
+        LoraError: `out` exists and is not empty, or cannot be created or written.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LoraError(f"output folder {out} exists and is not empty")
-    recipe, _ = recipe_for_adapter(adapter, base, overrides or {})
-    prep = Prepared(recipe, log)
-    load_adapter(prep.model, adapter, trainable=False)
-    probe_ex = prep.splits.test[:PROBE_EXAMPLES]
-    before = prep.task.probe(prep.model, probe_ex, prep.device, prep.dtype)
-    merged = merge_and_unload(prep.model)  # a 4-bit base comes back dense, no longer claiming quantization
-    after = prep.task.probe(merged, probe_ex, prep.device, prep.dtype)
-    with quiet_transformers():
-        merged.save_pretrained(out)
-        prep.tokenizer.save_pretrained(out)
+    check_writable(out)  # before the model loads
+    recipe, info = recipe_for_adapter(adapter, base, overrides or {})
+    needs_data = recipe.task == "classify-head" and not (info or {}).get("task", {}).get("labels")
+    if needs_data:
+        prep = Prepared(recipe, log)
+        model, tokenizer, device, dtype = prep.model, prep.tokenizer, prep.device, prep.dtype
+    else:
+        model, tokenizer, device, dtype = _base_without_data(recipe, info or {}, log)
+    load_adapter(model, adapter, trainable=False)
+    before = probe_logits(model, tokenizer, device, dtype)
+    merged = merge_and_unload(model)  # a 4-bit base comes back dense, no longer claiming quantization
+    after = probe_logits(merged, tokenizer, device, dtype)
+    with quiet_transformers(), atomic_output_folder(out) as tmp:  # complete or absent; every file 0666 - umask
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     diff = float((before - after).abs().max()) if before.numel() else 0.0
     log(f"merged model written to {out}; logits max |diff| merged vs unmerged: {diff:.3g}")
     return {"out": str(out), "max_abs_diff": diff}
-

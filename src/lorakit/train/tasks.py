@@ -90,6 +90,12 @@ class Task:
         """Tokens of each example as `batch` encodes it (for the padding report)."""
         return []
 
+    def full_lengths(self, examples) -> list[int]:
+        """Tokens of each example before truncation to `max_length` (for the truncation report)."""
+        return self.lengths(examples)
+
+    truncation_rule = "none: examples are not truncated"
+
     def evaluate(self, model, examples, batch_size: int, device: torch.device,
                  dtype=None) -> tuple[dict[str, float], list]:
         raise NotImplementedError
@@ -208,8 +214,29 @@ class ClassifyLM(_CausalTask):
     def prompt(self, text: str) -> str:
         return self.template.format(text=text, choices=", ".join(self.words))
 
-    def prompt_ids(self, text: str) -> list[int]:
+    truncation_rule = ("the document keeps its start: its end is cut so that the template's question and answer cue "
+                       "stay (a template longer than max_length alone loses its start)")
+
+    def full_prompt_ids(self, text: str) -> list[int]:
         return self.tokenizer(self.prompt(text))["input_ids"]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's tokens within `max_length` minus the longest answer: a long document loses its end."""
+        ids = self.full_prompt_ids(text)
+        budget = self.max_length - min(max(len(a) for a in self.answer_ids), self.max_length - 1)
+        if len(ids) <= budget:
+            return ids
+        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(text_ids) - (len(ids) - budget)
+        while keep > 0:  # re-tokenizing the cut text can merge tokens differently: shrink until it fits
+            ids = self.full_prompt_ids(self.tokenizer.decode(text_ids[:keep]))
+            if len(ids) <= budget:
+                return ids
+            keep -= len(ids) - budget
+        return self.full_prompt_ids("")  # the template alone is too long: `_encode` cuts its start
+
+    def full_lengths(self, examples) -> list[int]:
+        return [len(self.full_prompt_ids(e["text"])) + len(self.answer_ids[self.index[e["label"]]]) for e in examples]
 
     def encode(self, example) -> tuple[list[int], list[int]]:
         return self._encode(self.prompt_ids(example["text"]), self.answer_ids[self.index[example["label"]]])
@@ -293,7 +320,16 @@ class Instruct(_CausalTask):
                                                       add_generation_prompt=True)
         return f"Question: {prompt}\nAnswer:"
 
+    truncation_rule = "a long prompt keeps its end (the question next to the answer); a long answer loses its end"
+
     def encode(self, example) -> tuple[list[int], list[int]]:
+        return self._encode(*self._parts(example))
+
+    def full_lengths(self, examples) -> list[int]:
+        return [sum(map(len, self._parts(e))) for e in examples]
+
+    def _parts(self, example) -> tuple[list[int], list[int]]:
+        """`(prompt ids, answer ids)` before truncation."""
         tok = self.tokenizer
         prefix = self.prefix_text(example["prompt"])
         if self.chat:
@@ -308,7 +344,7 @@ class Instruct(_CausalTask):
             answer = " " + example["response"] + (tok.eos_token or "")
         prefix_ids = tok(prefix, add_special_tokens=not self.chat)["input_ids"]
         answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
-        return self._encode(prefix_ids, answer_ids)
+        return prefix_ids, answer_ids
 
     def batch(self, examples, device):
         """A padded batch of examples, or (items that are lists: packed rows of examples) a packed one
@@ -376,9 +412,14 @@ class ClassifyHead(Task):
         self.labels = sorted({e["label"] for e in examples}, key=str)
         self.index = {l: i for i, l in enumerate(self.labels)}
 
+    truncation_rule = "the text keeps its start (the tokenizer's truncation to max_length)"
+
     def describe(self):
         return {"task": self.name, "labels": [str(l) for l in self.labels],
                 "scoring": "argmax of the classification head"}
+
+    def full_lengths(self, examples) -> list[int]:
+        return [len(ids) for ids in self.tokenizer([e["text"] for e in examples])["input_ids"]]
 
     def batch(self, examples, device):
         enc = self.tokenizer([e["text"] for e in examples], truncation=True, max_length=self.max_length,
