@@ -623,3 +623,14 @@ def test_scale_delete_and_unload():
     assert torch.equal(logits(model, x), adapted)
     plain = lk.unload(model)
     assert not list(lora_layers(plain)) and torch.equal(logits(plain, x), base)
+
+
+def test_combine_and_mixed_batch_refuse_expert_adapters_by_name():
+    model = build("mixtral")
+    lk.inject(model, lk.LoraConfig(r=4, target_parameters=EXPERTS), adapter="a")
+    lk.inject(model, lk.LoraConfig(r=4, target_parameters=EXPERTS), adapter="b")
+    with pytest.raises(LoraError, match=r"expert weights.*model\.layers\.0\.mlp\.experts"):
+        lk.combine(model, {"a": 1.0, "b": 1.0})
+    with pytest.raises(LoraError, match=r"expert weights.*model\.layers\.0\.mlp\.experts"):
+        with lk.mixed_batch(model, ["a", "b"]):
+            pass
