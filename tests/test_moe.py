@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -445,8 +446,12 @@ def test_bad_target_parameters_name_the_culprit():
         lk.inject(build("mixtral"), lk.LoraConfig(r=4, target_parameters=["self_attn.q_proj.weight"]))
     with pytest.raises(UnsupportedModuleError, match="target_parameters"):
         lk.inject(build("mixtral"), lk.LoraConfig(r=4, target_modules=["experts"]))
-    with pytest.raises(UnsupportedModuleError, match="DoRA"):
-        lk.inject(build("mixtral"), lk.LoraConfig(r=4, target_parameters=EXPERTS, use_dora=True))
+    with pytest.raises(TargetNotFoundError, match=r"experts\.gate_up_proj"):  # lists what the model has
+        lk.inject(build("mixtral"), lk.LoraConfig(r=4, target_parameters=["mlp.experts.nope"]))
+    for option, kw in (("DoRA", dict(use_dora=True)), ("lora_bias", dict(lora_bias=True)),
+                       ("init='pissa'", dict(init="pissa"))):
+        with pytest.raises(UnsupportedModuleError, match=rf"{re.escape(option)}.*expert weights"):
+            lk.inject(build("mixtral"), lk.LoraConfig(r=4, target_parameters=EXPERTS, **kw))
     with pytest.raises(lk.ConfigError, match="target_parameters"):
         lk.LoraConfig(r=4, target_parameters="mlp.experts.down_proj")
 
