@@ -639,3 +639,14 @@ def test_combine_and_mixed_batch_refuse_expert_adapters_by_name():
     with pytest.raises(LoraError, match=r"expert weights.*model\.layers\.0\.mlp\.experts"):
         with lk.mixed_batch(model, ["a", "b"]):
             pass
+
+
+def test_training_memory_estimate_counts_every_expert_pair():
+    from lorakit.inject import plan
+    from lorakit.train.estimate import _lora_values
+
+    model = build("gpt_oss")  # transposed storage: (experts, in, out)
+    cfg = lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS)
+    estimated = _lora_values(plan(model, cfg), 4)
+    lk.inject(model, cfg)
+    assert estimated == lk.count_parameters(model)[0]
