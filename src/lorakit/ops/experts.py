@@ -13,8 +13,12 @@ product here (`grouped_matmul`) multiplies each expert's rows by that expert's m
 LoRA term costs `O(tokens * k * r * (in + out))` whatever the number of experts, and no
 `(experts, out, in)` delta is formed outside `expert_delta_weight` (merging). The base part follows
 transformers' `grouped_mm` experts implementation operation for operation (sorted rows, grouped
-products, the bias added in place, the weighted sum over each token's k rows), so an adapter whose
-B is zero gives the base output bit for bit.
+products, the bias added in place, the weighted sum over each token's k rows; `combine_rows` also
+sums as its eager loop does), so an adapter whose B is zero gives the base output bit for bit.
+The equation's pieces come from `lorakit.ops.lora` (`low_rank` with grouped projections,
+`delta_weight` batched over experts); `expert_low_rank` is the adapter's term as one autograd node,
+and `expert_projection` a frozen expert weight's product plus one adapter's term as one node (the
+training path: the low-rank parts accumulated in place, forward and input gradient).
 """
 
 from __future__ import annotations
