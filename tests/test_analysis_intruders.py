@@ -211,3 +211,25 @@ def test_cli_analyze_intruders_and_mitigate(tiny_adapter, tmp_path, capsys):
     assert cli.main(["analyze", str(tiny_adapter / "adapter"), "--base", str(tiny_adapter / "base"),
                      "--mitigate", "0.5"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_full_finetune_intruders_match_a_numpy_reference(tiny_adapter):
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_adapter / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    tuned = dict(base)
+    for key in [k for k in base if k.endswith("q_proj.weight")]:  # a large rank-1 change: one planted direction
+        u, v = torch.randn(base[key].shape[0], 1, generator=g), torch.randn(1, base[key].shape[1], generator=g)
+        tuned[key] = base[key] + 3.0 * u @ v
+    result = analyze_adapter(tiny_adapter / "adapter", base=base, full_finetune=tuned, intruders=True)
+    ft = result["full_finetune"]["modules"]
+    for path, m in ft.items():
+        W0 = base[path + ".weight"].double().numpy()
+        idx, best, *_ = _numpy_reference(W0, tuned[path + ".weight"].double().numpy())
+        assert m["intruders"]["indices"] == idx
+        assert m["intruders"]["max_cosine"] == pytest.approx(best.tolist(), abs=1e-9)
+        if path.endswith("v_proj"):
+            assert idx == []  # unchanged weights: W_ft = W0
+    total = result["intruders"]["full_finetune"]["total"]
+    assert total == sum(m["intruders"]["count"] for m in ft.values()) and total >= 2  # one per q_proj at least
