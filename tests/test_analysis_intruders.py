@@ -233,3 +233,32 @@ def test_full_finetune_intruders_match_a_numpy_reference(tiny_adapter):
             assert idx == []  # unchanged weights: W_ft = W0
     total = result["intruders"]["full_finetune"]["total"]
     assert total == sum(m["intruders"]["count"] for m in ft.values()) and total >= 2  # one per q_proj at least
+
+
+def test_peft_as_oracle(tiny_adapter):
+    """PEFT 0.21's `reduce_intruder_dimension` finds the same intruders per layer, and its mitigated update is the
+    best rank-r approximation of ours (PEFT truncates the exact rank r + m update back to rank r)."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+    from transformers import LlamaForCausalLM
+
+    model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_adapter / "base"),
+                                           str(tiny_adapter / "adapter"))
+    lines: list[str] = []
+    reduce_intruder_dimension(model, mitigation_lambda=0.25, logging_sink=lambda *a: lines.append(" ".join(a)))
+    weights = _weights(tiny_adapter)
+    layers = {n[len("base_model.model."):]: m for n, m in model.named_modules() if hasattr(m, "get_delta_weight")
+              and n.endswith(("q_proj", "v_proj"))}
+    lost = 0.0
+    for path, (W0, B, A) in weights.items():
+        ours = intruder_dimensions(W0, W0 + 2.0 * B @ A)
+        line = next(x for x in lines if x.startswith(f"base_model.model.{path}:"))
+        assert line.endswith(f"Intruders: {ours['count']}" if ours["count"] else "No intruders")
+        B2, A2, _ = mitigate_factors(W0, B, A, 2.0, lam=0.25)
+        exact = 2.0 * (B2 @ A2).numpy()
+        U, S, Vt = np.linalg.svd(exact, full_matrices=False)
+        rank4 = (U[:, :4] * S[:4]) @ Vt[:4]
+        peft_delta = layers[path].get_delta_weight("intruder_reduced").double().detach().numpy()
+        np.testing.assert_allclose(peft_delta, rank4, atol=1e-4, rtol=0)
+        lost = max(lost, float(np.linalg.norm(exact - rank4)))
+    assert lost > 1e-2  # what PEFT's truncation drops of the mitigated update, and lorakit keeps
