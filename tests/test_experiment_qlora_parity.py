@@ -153,3 +153,38 @@ def test_qlora_parity_refuses_bad_seeds(tmp_path, capsys):
     for bad in ("a,b", "1,1", "-1"):
         assert cli.main(["experiment", "qlora-parity", "--seeds", bad, "--out", str(tmp_path)]) == 2
         assert "--seeds must be" in capsys.readouterr().err
+
+
+def test_compare_on_known_runs():
+    """`compare` on hand-made runs: accuracies, per-seed gaps, the paired t-test and pooled McNemar counts."""
+    from lorakit.experiments.qlora_parity import ARMS, compare
+    from lorakit.experiments.runner import RunResult
+
+    n = 10
+    correct = {  # seed -> arm -> examples right (of 10)
+        0: {"LoRA": 8, "QLoRA": 7, "QLoRA+QERA": 8},
+        1: {"LoRA": 6, "QLoRA": 6, "QLoRA+QERA": 7},
+        2: {"LoRA": 7, "QLoRA": 5, "QLoRA+QERA": 7},
+    }
+    runs = []
+    for seed, arms in correct.items():
+        for name in ARMS:
+            k = arms[name]
+            r = RunResult(f"{name} s={seed}", "lora", {"seed": seed})
+            r.correct = [i < k for i in range(n)]  # nested: the better arm gets a superset right
+            r.metrics = {"accuracy": k / n, "n": n}
+            r.steps, r.train_seconds = 1, 1.0
+            runs.append(r)
+    comp = compare(runs, [0, 1, 2])
+    q = comp["QLoRA"]
+    assert q["accuracy"] == {"0": 0.7, "1": 0.6, "2": 0.5} and q["mean_accuracy"] == pytest.approx(0.6)
+    assert q["vs_lora"]["differences_points"] == pytest.approx([-10.0, 0.0, -20.0])
+    t = q["vs_lora"]["paired_t"]
+    sd = statistics.stdev([-10.0, 0.0, -20.0])
+    assert t["mean"] == pytest.approx(-10.0) and t["t"] == pytest.approx(-10.0 / (sd / math.sqrt(3)))
+    assert t["p_value"] == pytest.approx(_t_tail_reference(t["t"], 2), abs=1e-10)
+    assert (q["vs_lora"]["pooled_only_lora"], q["vs_lora"]["pooled_only_this"]) == (3, 0)
+    e = comp["QLoRA+QERA"]["vs_lora"]
+    assert e["differences_points"] == pytest.approx([0.0, 10.0, 0.0])
+    assert (e["pooled_only_lora"], e["pooled_only_this"]) == (0, 1)
+    assert e["per_seed_mcnemar"][1] == {"only_reference": 0, "only_other": 1, "delta_points": 10.0, "p_value": 1.0}
