@@ -34,7 +34,8 @@ ARMS = ("LoRA", "QLoRA", "QLoRA+QERA")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=DEFAULT_SEEDS, metavar="S,...",
-                   help="seeds (LoRA init, head init, batch order); each trains the three arms (default %(default)s)")
+                   help="seeds (LoRA init, head init, batch order); each trains the three arms (default %(default)s); "
+                        f"runs are {DEFAULT_STEPS} steps unless --steps says otherwise (the recipe's full length: 250)")
     p.add_argument("--qera-rank", type=int, default=None, metavar="K",
                    help="rank of the frozen QERA correction of the QLoRA+QERA arm (default: the recipe's, 8)")
 
