@@ -335,7 +335,7 @@ def _intruders_section(results: dict) -> list[str]:
              "max |cos| with every singular vector of W0 is below 0.5 (`lorakit analyze --intruders`, PEFT's defaults; "
              "docs/analysis.md).", ""]
     rows = [["LoRA", *_intruder_cells(next(iter(found.values()))["lora"])]]
-    rows += [[f"full fine-tune, {label}", *_intruder_cells(i["full"])] for label, i in found.items()]
+    rows += [[f"{label} (full fine-tune)", *_intruder_cells(i["full"])] for label, i in found.items()]
     lines += [md_table(["weights", "modules", "with intruders", "intruders in all", "per module"], rows), ""]
     return lines
 
