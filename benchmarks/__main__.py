@@ -7,18 +7,19 @@ import json
 import time
 from pathlib import Path
 
-from . import inference, inject_meta, longctx, mixed, train_step
+from . import inference, inject_meta, longctx, mixed, moe, train_step
 from .common import machine
 
 SUITES = {"train": train_step.run, "inference": inference.run, "inject": inject_meta.run, "mixed": mixed.run,
-          "longctx": longctx.run}
+          "longctx": longctx.run, "moe": moe.run}
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = (
     "| date | cores / threads | torch | load avg (start) | train step / floor (p=0, p=0.05) | PEFT same | "
     "peak mem / full FT (p=0, p=0.05) | PEFT same | prefill / base | decode / base | PEFT prefill, decode | "
     "merged prefill, decode / base | inject 70B lorakit / PEFT | mixed decode / base (8, 64 adapters) | PEFT same | "
-    "long context 2 x 2048: lorakit peak, time / PEFT + GC |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "long context 2 x 2048: lorakit peak, time / PEFT + GC | MoE train step / floor: lorakit, PEFT | "
+    "MoE unmerged decode / base: lorakit, PEFT |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -45,6 +46,8 @@ def summary_row(m: dict, r: dict) -> str:
         f'{_get(x, "8_adapters", "decode", "lorakit/base")}, {_get(x, "64_adapters", "decode", "lorakit/base")}',
         f'{_get(x, "8_adapters", "decode", "peft/base")}, {_get(x, "64_adapters", "decode", "peft/base")}',
         f'{_get(r.get("longctx", {}), "2048", "lorakit", "peak/peft_gc")}, {_get(r.get("longctx", {}), "2048", "lorakit", "time/peft_gc")}',
+        f'{_get(r.get("moe", {}), "train", "lorakit/floor")}, {_get(r.get("moe", {}), "train", "peft/floor")}',
+        f'{_get(r.get("moe", {}), "decode", "lorakit/base")}, {_get(r.get("moe", {}), "decode", "peft/base")}',
     ]
     return "| " + " | ".join(cells) + " |\n"
 

@@ -220,6 +220,10 @@ def test_full_vs_lora_quick(tmp_path, tiny_bert):
     assert len(energy) == 4 and all(0 < v["energy_at_adapter_rank"] <= 1 for v in energy.values())  # query, value x 2 layers
     assert (out / "full_ft_spectrum.png").is_file()
     assert "## Spectrum of the full fine-tune's update" in report
+    intruders = results["updates"]["full, lr 5e-05"]["intruders"]
+    for side in ("lora", "full"):  # query, value x 2 layers, counted among min(32, 32, 10) = 10 directions
+        assert intruders[side]["modules"] == 4 and intruders[side]["total"] == sum(intruders[side]["per_module"].values())
+    assert "## Intruder dimensions: LoRA vs full fine-tuning" in report
 
 
 def test_experiment_is_registered_and_refuses_bad_options(tmp_path, capsys):

@@ -63,7 +63,7 @@ def combine(
         A `CombineReport`.
     Raises:
         LoraError: unknown method, empty weights, an unknown adapter, an existing
-            `new_name`, DoRA adapters, or `"linear"` over adapters of different
+            `new_name`, DoRA adapters, adapters on expert weights, or `"linear"` over adapters of different
             ranks / target modules (undefined there).
     """
     if method not in METHODS:
@@ -76,6 +76,10 @@ def combine(
         raise LoraError("combine is defined for plain LoRA adapters; DoRA's magnitude vector does not combine linearly")
     inner = unwrap(model)
     layers = [(p, layer) for p, layer in lora_layers(inner) if any(n in layer.lora_A for n in weights)]
+    experts = [p for p, layer in layers if layer.per_expert]
+    if experts:
+        raise LoraError(f"combine is not defined for adapters on mixture-of-experts expert weights ({experts[0]!r}, "
+                        "one pair per expert)")
     if method == "linear":
         _check_linear(layers, weights)
     report = CombineReport(method)

@@ -19,6 +19,8 @@ from typing import Any
 from .errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
+# `target_modules` presets: every linear layer but the head (PEFT's), and that plus every 3-D expert weight
+PRESETS = ("all-linear", "all")
 # `init` values; "pissa_niter_<k>" (randomised SVD with k subspace iterations) is accepted as well.
 # "random" (PEFT's `init_lora_weights=False`) makes B non-zero: a fresh adapter changes the outputs (tests only).
 INIT_METHODS = ("kaiming", "gaussian", "random", "pissa", "olora")
@@ -32,7 +34,7 @@ PEFT_HONOURED = {
     "modules_to_save": "modules_to_save", "init_lora_weights": "init", "layers_to_transform": "layers_to_transform",
     "layers_pattern": "layers_pattern", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
     "use_dora": "use_dora", "lora_bias": "lora_bias", "base_model_name_or_path": "base_model_name_or_path",
-    "task_type": "task_type",
+    "task_type": "task_type", "target_parameters": "target_parameters",
 }
 #   ignored: cannot change the outputs of a loaded adapter, whatever its value
 PEFT_IGNORED = {
@@ -48,7 +50,7 @@ PEFT_IGNORED = {
 PEFT_REFUSED_UNLESS_OFF = {
     "megatron_config": (None,), "trainable_token_indices": (None,), "velora_config": (None,),
     "alora_invocation_tokens": (None,), "use_qalora": (False, None), "monteclora_config": (None,),
-    "layer_replication": (None,), "target_parameters": (None, []),
+    "layer_replication": (None,),
     "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,), "ensure_weight_tying": (False, None),
 }
 # PEFT `init_lora_weights` values lorakit does not run itself. How an adapter was initialised does
@@ -73,8 +75,16 @@ class LoraConfig:
         target_modules: which modules to adapt. A list of names, each matched as a
             whole dotted suffix of the module path (`"q_proj"` matches
             `model.layers.0.self_attn.q_proj`); a regex string matched against the
-            full path (`re.fullmatch`); or `"all-linear"`: every `nn.Linear` and GPT-2
-            `Conv1D` except the output head.
+            full path (`re.fullmatch`); `"all-linear"`: every `nn.Linear` and GPT-2
+            `Conv1D` except the output head (PEFT's meaning: on a mixture-of-experts model the expert
+            weights are left out, with a warning); or `"all"`: the same plus every 3-D expert weight
+            of the model's mixture-of-experts modules (`target_parameters` resolved for you).
+        target_parameters: PEFT's option for weights that are parameters, not modules: the 3-D
+            expert weights of transformers mixture-of-experts modules, one low-rank pair per
+            expert (docs/moe.md). A list of parameter names, each matched as a whole dotted suffix
+            of the parameter path (`"mlp.experts.gate_up_proj"`); as in PEFT, matched on its own
+            (`exclude_modules` and `layers_to_transform` do not apply to it). With it,
+            `target_modules` may be None.
         exclude_modules: modules never adapted; same matching rules as `target_modules`.
         use_rslora: rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023,
             arXiv:2312.03732).
@@ -128,14 +138,17 @@ class LoraConfig:
     fused_slices: dict[str, Any] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "exclude_modules"):  # sets become sorted lists (a stable file), tuples lists
+        for name in ("target_modules", "exclude_modules", "target_parameters"):  # sets: sorted lists, tuples: lists
             value = getattr(self, name)
             if isinstance(value, (set, frozenset)):
                 setattr(self, name, sorted(value))
             elif isinstance(value, tuple):
                 setattr(self, name, list(value))
+        if self.target_parameters == []:
+            self.target_parameters = None
         if isinstance(self.modules_to_save, (tuple, set, frozenset)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, (tuple, range)):
@@ -150,7 +163,8 @@ class LoraConfig:
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError("dropout", f"must be a number in [0, 1), got {self.dropout!r}")
-        _module_selector("target_modules", self.target_modules, required=True)
+        _parameter_selector(self.target_parameters)
+        _module_selector("target_modules", self.target_modules, required=not self.target_parameters)
         _module_selector("exclude_modules", self.exclude_modules, required=False)
         for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -249,6 +263,7 @@ class LoraConfig:
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "target_modules": self.target_modules,
+            "target_parameters": self.target_parameters,
             "exclude_modules": self.exclude_modules,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": self.bias,
@@ -444,11 +459,20 @@ def _regex(name: str, pattern: str) -> None:
 def _module_selector(name: str, value: Any, required: bool) -> None:
     if value is None or value == [] or value == "":
         if required:
-            raise ConfigError(name, "is empty: name the modules to adapt (a list of names, a regex, or 'all-linear')")
+            raise ConfigError(name, "is empty: name the modules to adapt (a list of names, a regex, 'all-linear' or "
+                                    "'all'), or expert weights in target_parameters")
         return
     if isinstance(value, str):
-        if value != "all-linear":
+        if value not in PRESETS or name != "target_modules":
             _regex(name, value)
         return
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(name, f"must be a list of module names, a regex string or 'all-linear', got {value!r}")
+        raise ConfigError(name, f"must be a list of module names, a regex string, 'all-linear' or 'all', got {value!r}")
+
+
+def _parameter_selector(value: Any) -> None:
+    if value is None or value == []:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError("target_parameters", f"must be a list of parameter names such as "
+                                               f"'mlp.experts.gate_up_proj' (no regex, as in PEFT), got {value!r}")

@@ -7,7 +7,7 @@ import difflib
 import functools
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -16,8 +16,9 @@ from torch import nn
 from .config import LoraConfig, matches
 from .errors import AdapterExistsError, LoraError, TargetNotFoundError, UnsupportedModuleError
 from .layers import (
-    LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, SliceSpec, is_linear_like, wrapper_for,
+    LoraConv, LoraEmbedding, LoraExperts, LoraLayer, LoraLinear, ModulesToSave, SliceSpec, is_linear_like, wrapper_for,
 )
+from .layers.experts import EXPERT_WEIGHTS, expert_weights, is_experts
 from .state import (
     AdapterState, drop_state, get_state, has_adapters, lora_layers, replace_module, require_adapter, save_wrappers,
     tied_names, unwrap, walk,
@@ -34,6 +35,14 @@ class Plan:
 
     targets: list[tuple[str, nn.Module]]  # (path, module or existing LoraLayer)
     saves: list[tuple[str, nn.Module]]  # (path, module or existing ModulesToSave)
+    # experts modules selected by target_parameters (or the "all" preset): path -> the expert weights adapted
+    parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def config_key(self, path: str) -> str:
+        """The name `rank_pattern` / `alpha_pattern` are matched against for the target at `path`: the path,
+        or for expert weights the path of the first one (PEFT matches parameter names there)."""
+        params = self.parameters.get(path)
+        return f"{path}.{params[0]}" if params else path
 
 
 def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -59,6 +68,11 @@ def output_head_path(model: nn.Module) -> str | None:
 
 def _target_error(model: nn.Module, config: LoraConfig, paths: list[str]) -> TargetNotFoundError:
     targets = config.target_modules
+    if targets is None:
+        return TargetNotFoundError(f"target_parameters {config.target_parameters!r} matched no parameter of "
+                                   f"{type(model).__name__} (names match whole dotted suffixes of parameter paths "
+                                   "such as 'mlp.experts.gate_up_proj'); 3-D expert weights here: "
+                                   f"{_expert_weight_names(model)[:8] or 'none'}")
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     if isinstance(targets, str):
         hint = f"regex {targets!r} is matched against full paths such as {paths[:3]}"
@@ -76,69 +90,158 @@ def _target_error(model: nn.Module, config: LoraConfig, paths: list[str]) -> Tar
     return TargetNotFoundError(msg)
 
 
+def _expert_weight_names(model: nn.Module) -> list[str]:
+    """Distinct `<module name>.<weight>` suffixes of the model's 3-D expert weights (for messages)."""
+    found = {}
+    for path, module in walk(model):
+        base = module.base_layer if isinstance(module, LoraExperts) else module
+        if is_experts(base):
+            for name in expert_weights(base):
+                found[f"{path.rsplit('.', 1)[-1]}.{name}"] = None
+    return list(found)
+
+
 def plan(model: nn.Module, config: LoraConfig) -> Plan:
     """Select the modules `config` adapts, and the `modules_to_save`, without changing the model.
+
+    `target_modules` selects modules; `target_parameters` (PEFT's option) selects 3-D expert weights of
+    mixture-of-experts modules by parameter path (`"mlp.experts.gate_up_proj"` matches
+    `model.layers.0.mlp.experts.gate_up_proj`), as PEFT does: on its own, without `layers_to_transform`
+    or `exclude_modules`. `target_modules="all"` selects what `"all-linear"` does plus every expert
+    weight (those two obey `exclude_modules` and `layers_to_transform`).
 
     Raises:
         TargetNotFoundError: nothing matched, or a `rank_pattern`/`alpha_pattern` key
             matches no targeted module, or a `modules_to_save` name matches nothing.
-        UnsupportedModuleError: a matched module's type cannot be adapted (named).
+        UnsupportedModuleError: a matched module's type cannot be adapted (named), or a
+            `target_parameters` entry selects a parameter that is not an expert weight.
     """
     model = unwrap(model)
     modules = list(walk(model))
     targets = _select_targets(model, config, modules)
+    parameters = _select_parameters(model, config, modules, {p for p, _ in targets})
+    targets += [(path, module) for path, module, _ in parameters]
+    p = Plan(targets, [], {path: names for path, _, names in parameters})
     if not targets:
-        raise _target_error(model, config, [p for p, _ in modules])
+        raise _target_error(model, config, [path for path, _ in modules])
     for path, module in targets:
-        problem = _target_problem(model, config, path, module)
+        problem = _target_problem(model, config, path, module, p)
         if problem:
             raise UnsupportedModuleError(f"module {path!r}: {problem}")
-    if isinstance(config.target_modules, list):
-        unused = [t for t in config.target_modules if not any(matches([t], p) for p, _ in targets)]
-        if unused:
-            warnings.warn(f"target_modules {unused} matched no module of {type(model).__name__}", stacklevel=3)
-    target_paths = [p for p, _ in targets]
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, field):
-            if not any(re.match(rf"(.*\.)?({key})$", p) for p in target_paths):
-                raise TargetNotFoundError(f"{field} key {key!r} matches no targeted module (targets include "
-                                          f"{target_paths[:3]})")
+    _check_selectors(model, config, p)
     if config.lora_bias:
-        bases = [(p, m.base_layer if isinstance(m, LoraLayer) else m) for p, m in targets]
-        unbiased = [p for p, base in bases if getattr(base, "bias", None) is None]
+        bases = [(path, m.base_layer if isinstance(m, LoraLayer) else m) for path, m in targets]
+        unbiased = [path for path, base in bases if getattr(base, "bias", None) is None]
         if unbiased:
             warnings.warn(f"lora_bias on {len(unbiased)} modules without a bias (e.g. {unbiased[0]!r}): the adapter "
                           "works, but cannot be merged there (no bias to merge it into)", stacklevel=3)
-    return Plan(targets, _select_saves(model, config, modules))
+    if config.target_modules == "all-linear":
+        _warn_experts_left_out(model, modules, targets)
+    p.saves = _select_saves(model, config, modules)
+    return p
+
+
+def _check_selectors(model: nn.Module, config: LoraConfig, p: Plan) -> None:
+    """Warn about `target_modules` / `target_parameters` names that matched nothing; raise for a pattern key
+    that matches no target."""
+    module_paths = [path for path, _ in p.targets if path not in p.parameters]
+    if isinstance(config.target_modules, list):
+        unused = [t for t in config.target_modules if not any(matches([t], path) for path in module_paths)]
+        if unused:
+            warnings.warn(f"target_modules {unused} matched no module of {type(model).__name__}", stacklevel=4)
+    param_paths = [f"{path}.{n}" for path, names in p.parameters.items() for n in names]
+    unused = [t for t in config.target_parameters or [] if not any(matches([t], q) for q in param_paths)]
+    if unused:
+        warnings.warn(f"target_parameters {unused} matched no parameter of {type(model).__name__}", stacklevel=4)
+    target_paths = module_paths + param_paths
+    for field_ in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_):
+            if not any(re.match(rf"(.*\.)?({key})$", path) for path in target_paths):
+                raise TargetNotFoundError(f"{field_} key {key!r} matches no targeted module (targets include "
+                                          f"{target_paths[:3]})")
+
+
+def _warn_experts_left_out(model: nn.Module, modules: list[tuple[str, nn.Module]],
+                           targets: list[tuple[str, nn.Module]]) -> None:
+    """`all-linear` on a mixture-of-experts model: say which share of the weights it reached and what it left out."""
+    experts = [(path, m) for path, m in modules if is_experts(m.base_layer if isinstance(m, LoraExperts) else m)]
+    if not experts:
+        return
+    base = [m.base_layer if isinstance(m, LoraExperts) else m for _, m in experts]
+    left = sum(getattr(m, n).numel() for m in base for n in expert_weights(m))
+    reached = sum((m.base_layer if isinstance(m, LoraLayer) else m).weight.numel() for _, m in targets)
+    linear = sum((m.base_layer if isinstance(m, LoraLayer) else m).weight.numel() for _, m in modules
+                 if is_linear_like(m))
+    total = linear + left
+    warnings.warn(
+        f"target_modules='all-linear' adapts {len(targets)} linear layers holding {100 * reached / total:.1f}% of the "
+        f"model's linear and expert weights; the {len(experts)} mixture-of-experts modules' 3-D expert weights "
+        f"({100 * left / total:.1f}%, e.g. {experts[0][0]!r}: {list(expert_weights(base[0]))}) are not linear layers "
+        "and are left out, as in PEFT. target_modules='all' adds them (or list them in target_parameters)",
+        stacklevel=3)
 
 
 def _select_targets(model: nn.Module, config: LoraConfig,
                     modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """The `(path, module)` pairs `config.target_modules` selects, after the exclusions."""
-    head = output_head_path(model) if config.target_modules == "all-linear" else None
-    wanted = config.layers_to_transform
-    wanted = [wanted] if isinstance(wanted, int) else wanted
+    if config.target_modules is None:
+        return []
+    preset = config.target_modules in ("all-linear", "all")
+    head = output_head_path(model) if preset else None
     targets: list[tuple[str, nn.Module]] = []
     for path, module in modules:
-        if config.target_modules == "all-linear":
+        if preset:
             hit = is_linear_like(module) and path != head
         else:
             hit = matches(config.target_modules, path)
-        if not hit or (config.exclude_modules and matches(config.exclude_modules, path)):
-            continue
-        if (config.modules_to_save and matches(config.modules_to_save,
-                                               path)) or any(path.startswith(p + ".") for p, _ in targets):
-            continue  # a module trained in full, or inside a module already targeted
-        if wanted is not None and _layer_index(path, config.layers_pattern) not in wanted:
+        if not hit or not _selectable(config, path, targets):
             continue
         targets.append((path, module))
     return targets
 
 
-def _target_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.Module) -> str | None:
+def _selectable(config: LoraConfig, path: str, targets: list[tuple[str, nn.Module]]) -> bool:
+    """Whether a module matched at `path` survives `exclude_modules`, `modules_to_save`, an enclosing target and
+    `layers_to_transform`."""
+    if config.exclude_modules and matches(config.exclude_modules, path):
+        return False
+    if (config.modules_to_save and matches(config.modules_to_save, path)) or any(
+            path.startswith(p + ".") for p, _ in targets):
+        return False  # a module trained in full, or inside a module already targeted
+    wanted = config.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    return wanted is None or _layer_index(path, config.layers_pattern) in wanted
+
+
+def _select_parameters(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]],
+                       taken: set[str]) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+    """`(module path, module, parameter names)` for the parameters `target_parameters` (or the `"all"` preset)
+    selects, grouped by the module that holds them."""
+    names = config.target_parameters or []
+    preset = config.target_modules == "all"
+    out: list[tuple[str, nn.Module, tuple[str, ...]]] = []
+    for path, module in modules:
+        if isinstance(module, ModulesToSave) or (config.modules_to_save and matches(config.modules_to_save, path)):
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        hits = [n for n, _ in base.named_parameters(recurse=False) if names and matches(names, f"{path}.{n}")]
+        if preset and path not in taken and is_experts(base) and _selectable(config, path, []):
+            hits += [n for n in expert_weights(base) if n not in hits]
+        if hits:
+            out.append((path, module, tuple(hits)))
+    return out
+
+
+def _target_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.Module, p: Plan) -> str | None:
     """Why the selected module at `path` cannot carry this adapter (None if it can)."""
     base = module.base_layer if isinstance(module, LoraLayer) else module
     cls = wrapper_for(base)
+    if path in p.parameters:
+        return _parameter_problem(config, path, base, cls, p.parameters[path])
+    if cls is LoraExperts:
+        return (f"{type(base).__name__} holds 3-D expert weights {list(expert_weights(base))}: select them with "
+                "target_parameters (PEFT's option, e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']) or "
+                "target_modules='all', not target_modules")
     if isinstance(module, ModulesToSave) or cls is None:
         return (f"type {type(base).__module__}.{type(base).__name__} matched target_modules "
                 f"{config.target_modules!r} but "
@@ -159,6 +262,26 @@ def _target_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.
     if problem is None and config.use_dora and "dora" not in cls.supported_variants:
         return f"DoRA (use_dora) supports Linear, GPT-2 Conv1D and Embedding layers, not {cls.__name__}"
     return problem or _weight_init_problem(model, config, path, module)
+
+
+def _parameter_problem(config: LoraConfig, path: str, base: nn.Module, cls, names: tuple[str, ...]) -> str | None:
+    """Why the parameters `names` of the module at `path` (selected by `target_parameters`) cannot be adapted."""
+    adaptable = expert_weights(base) if cls is LoraExperts else ()
+    bad = [n for n in names if n not in adaptable]
+    if bad:
+        shape = tuple(getattr(base, bad[0]).shape)
+        return (f"target_parameters selects {path}.{bad[0]} (shape {shape}) of a {type(base).__name__}; lorakit adapts "
+                f"the 3-D expert weights ({', '.join(EXPERT_WEIGHTS)}) of transformers mixture-of-experts modules; "
+                "train a router or another module in full with modules_to_save")
+    ranks = {(config.rank_for(f"{path}.{n}"), config.alpha_for(f"{path}.{n}")) for n in names}
+    if len(ranks) > 1:
+        return f"rank_pattern / alpha_pattern give its expert weights {list(names)} different ranks or alphas {ranks}"
+    what = ("DoRA (use_dora)" if config.use_dora else "lora_bias" if config.lora_bias
+            else "fused_slices" if config.slices_for(path) is not None
+            else f"init={config.init!r}" if is_weight_init(config.init) else None)
+    if what:
+        return f"{what} is not supported on expert weights (plain LoRA only, as PEFT's target_parameters)"
+    return None
 
 
 def _weight_init_problem(model: nn.Module, config: LoraConfig, path: str, module: nn.Module) -> str | None:
@@ -222,10 +345,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
 
     Replaces every module selected by `config` with its `LoraLayer` wrapper (or adds
     the adapter to an existing wrapper), creates A `(r, in)` and B `(out, r)` per
-    module (B = 0, so outputs are unchanged: paper §4.1), freezes every base
-    parameter and leaves the new adapter's tensors (and `modules_to_save` copies,
-    and biases per `config.bias`) trainable; the other adapters, now inactive, are
-    frozen (see `set_active`). `variant`: the name of a registered variant
+    module (B = 0, so outputs are unchanged: paper §4.1; an experts module selected by
+    `target_parameters` gets `LoraExperts`, one pair per expert and per expert weight), freezes every base
+    parameter (the router of a mixture-of-experts layer included) and leaves the new adapter's
+    tensors (and `modules_to_save` copies, and biases per `config.bias`) trainable; the other
+    adapters, now inactive, are frozen (see `set_active`). `variant`: the name of a registered variant
     (`lorakit.variants.register_variant`); default `"dora"` with `config.use_dora`, else `"lora"`.
 
     Returns:
@@ -255,17 +379,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", *, pl
         if layer is not module:
             layer.train(module.training)  # a new module starts in training mode: take the replaced module's
             replace_module(inner, path, layer)
+        key = p.config_key(path)
+        extra = {"parameters": p.parameters[path]} if path in p.parameters else {}
         layer.add_adapter(
             adapter,
-            r=config.rank_for(path),
-            alpha=config.alpha_for(path),
-            scaling=config.scaling_for(path),
+            r=config.rank_for(key),
+            alpha=config.alpha_for(key),
+            scaling=config.scaling_for(key),
             dropout=config.dropout,
             init="kaiming" if weight_init else config.init,
             variant=strategy,
             slices=config.slices_for(path),
             weight_init=weight_init,
             lora_bias=config.lora_bias,
+            **extra,
         )
     for path, module in p.saves:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)

@@ -5,8 +5,10 @@ A saved adapter is a folder with
 - `adapter_config.json`: the `LoraConfig` in PEFT's vocabulary;
 - `adapter_model.safetensors`: tensors keyed `base_model.model.<module path>.lora_A.weight`
   `(r, in)` and `.lora_B.weight` `(out, r)` (embeddings: `.lora_embedding_A` `(r, num)`,
-  `.lora_embedding_B` `(dim, r)`; DoRA: `.lora_magnitude_vector`), plus the tensors of
-  `modules_to_save` copies under the module's own parameter names.
+  `.lora_embedding_B` `(dim, r)`; DoRA: `.lora_magnitude_vector`; expert weights selected by
+  `target_parameters`: PEFT's nested `<experts path>.[base_layer.]*lora_A.weight` `(experts * r, in)`,
+  see `lorakit.layers.LoraExperts`), plus the tensors of `modules_to_save` copies under the module's
+  own parameter names.
 
 This is what PEFT's `PeftModel.from_pretrained`, transformers' `load_adapter` and vLLM
 read. Loading validates everything (keys, shapes, dtypes, finiteness, agreement with
@@ -28,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .config import LoraConfig
+from .config import PRESETS, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
 from .fileio import atomic_write_files, remove_stale_versions
 from .inject import check_adapter_name, delete_adapter, inject, plan, set_active, trainable_biases, unload
@@ -56,12 +58,8 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     for path, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        key_a, key_b = layer.file_keys
-        out[f"{PREFIX}{path}.{key_a}"] = layer.lora_A[adapter]
-        out[f"{PREFIX}{path}.{key_b}"] = layer.lora_B_dense(adapter)  # sliced: PEFT-readable dense form
-        for attr, tensor in layer.adapter_parameters(adapter).items():
-            if attr not in ("lora_A", "lora_B"):  # the bias of B (lora_B.bias), DoRA's magnitude, ...
-                out[f"{PREFIX}{path}.{attr}"] = tensor
+        for suffix, tensor in layer.file_tensors(adapter).items():  # each kind's file layout (PEFT's)
+            out[f"{PREFIX}{path}.{suffix}"] = tensor
     for path, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
             for name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
@@ -87,8 +85,10 @@ def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
 def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, dict]:
     config = require_adapter(model, adapter)
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
-    if config.target_modules == "all-linear":  # as PEFT does: write the resolved module list
-        config = config.replace(target_modules=sorted(p for p, _ in layers))
+    if config.target_modules in PRESETS:  # as PEFT does for all-linear: write the resolved module list
+        modules = sorted(p for p, layer in layers if not layer.per_expert)
+        params = sorted(f"{p}.{n}" for p, layer in layers if layer.per_expert for n in layer.targets[adapter])
+        config = config.replace(target_modules=modules or None, target_parameters=params or config.target_parameters)
     if config.base_model_name_or_path is None:
         name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
         if name:
@@ -266,14 +266,12 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         base = module.base_layer if isinstance(module, LoraLayer) else module
         cls = wrapper_for(base)  # shapes come from the kind and the base; no layer is built here
         out_features = cls.features(base)[1]
-        rank, slices = config.rank_for(path), config.slices_for(path)
+        rank, slices = config.rank_for(p.config_key(path)), config.slices_for(path)
         if slices is not None:  # stored dense (rank r * k) in the file
             slice_specs[path] = SliceSpec.resolve(slices, out_features, "cpu")
             rank *= slice_specs[path].k
-        shape_a, shape_b = cls.shapes(base, rank)
-        key_a, key_b = cls.file_keys
-        expected[f"{PREFIX}{path}.{key_a}"] = (path, "lora_A", tuple(shape_a))
-        expected[f"{PREFIX}{path}.{key_b}"] = (path, "lora_B", tuple(shape_b))
+        for suffix, (attr, shape) in cls.file_layout(base, rank, p.parameters.get(path)).items():
+            expected[f"{PREFIX}{path}.{suffix}"] = (path, attr, shape)
         if config.use_dora:
             expected[f"{PREFIX}{path}.{MAGNITUDE}"] = (path, MAGNITUDE, (out_features,))
         if config.lora_bias:
@@ -313,7 +311,7 @@ def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
         if tuple(tensor.shape) != shape:
             raise AdapterLoadError(
                 f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, but this model needs {shape} "
-                f"(config r={config.rank_for(expected[key][0])})"
+                f"(config r={config.rank_for(p.config_key(expected[key][0]))})"
             )
     for path, spec in slice_specs.items():
         key = f"{PREFIX}{path}.lora_B.weight"
@@ -378,6 +376,10 @@ def load_adapter(
         inject(inner, files.config, adapter, plan_=p)
         for key, tensor in files.tensors.items():
             path_, attr, _ = expected[key]
+            module = inner.get_submodule(path_) if attr != BASE_BIAS else None
+            if isinstance(module, LoraLayer):
+                module.load_file_tensor(adapter, attr, tensor)  # each kind's file layout (PEFT's)
+                continue
             target = _target_tensor(inner, path_, attr, adapter)
             with torch.no_grad():
                 target.copy_(tensor.to(dtype=target.dtype, device=target.device))
@@ -395,15 +397,11 @@ def load_adapter(
 
 
 def _target_tensor(model: nn.Module, path: str, attr: str, adapter: str) -> torch.Tensor:
+    """The tensor a file key loads into: a trained base bias (`path` is its full key) or a `modules_to_save` copy's."""
     if attr == BASE_BIAS:  # `path` is the bias's full key in the adapted model
         return model.get_parameter(path)
-    module = model.get_submodule(path)
-    if isinstance(module, ModulesToSave):
-        copy = module.modules_to_save[adapter]
-        return copy.get_parameter(attr) if attr in dict(copy.named_parameters()) else copy.get_buffer(attr)
-    if attr in ("lora_A", "lora_B"):
-        return getattr(module, attr)[adapter]
-    return module.adapter_parameters(adapter)[attr]
+    copy = model.get_submodule(path).modules_to_save[adapter]
+    return copy.get_parameter(attr) if attr in dict(copy.named_parameters()) else copy.get_buffer(attr)
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:

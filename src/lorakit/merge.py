@@ -30,6 +30,8 @@ def _untie_if_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]], warn
     """
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for path, layer in layers:
+        if layer.per_expert:
+            continue  # 3-D expert weights are not tied to other modules
         w = layer.base_layer.weight
         if counts[id(w)] > 1:
             if warn:

@@ -31,7 +31,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     Raises:
         AdapterNotFoundError: a name the model does not have.
         MergeError: adapters are merged (unmerge first).
-        LoraError: empty `adapters`; DoRA adapters or `modules_to_save` copies in the batch.
+        LoraError: empty `adapters`; DoRA adapters, `modules_to_save` copies or adapters on expert weights
+            in the batch.
     """
     rows = list(adapters)
     state = get_state(model)
@@ -51,6 +52,9 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
                         "correction): "
                         "fold them into the adapters first (lorakit.quant.fold_corrections)")
     layers = [layer for _, layer in lora_layers(model)]
+    experts = [p for p, layer in lora_layers(model) if layer.per_expert and set(layer.adapter_names) & used]
+    if experts:
+        raise LoraError(f"mixed_batch does not support adapters on mixture-of-experts expert weights ({experts[0]!r})")
     if any(layer.merged_adapters for layer in layers):
         raise MergeError("mixed_batch needs unmerged adapters: call lorakit.unmerge(model) first")
     for layer in layers:

@@ -10,6 +10,7 @@ import torch
 
 from .amplification import amplification_from_svd
 from .errors import AnalysisError, NoCommonModulesError
+from .intruders import EPS, TOP_K, intruder_dimensions
 from .linalg import lowrank_svd, numerical_rank_tol
 from .similarity import grassmann_similarity, similarity_summary, subspace_similarity
 from .spectrum import spectrum_from_singular_values
@@ -31,12 +32,16 @@ DEFINITIONS = {
                      "proj_w0 / proj_random use W0's own top-r singular vectors / random orthonormal bases; paper "
                      "section 7.3",
     "full_finetune": "spectrum of W_ft - W0 for the adapted modules; energy_at_adapter_rank = energy_top_k at k = r",
+    "intruders": "Shuttleworth et al. 2024 (arXiv:2410.21228) section 4: among the top_k left-singular vectors of "
+                 "W = W0 + delta_weight (or W_ft), those whose max |cosine| with every left-singular vector of W0 is "
+                 "below eps (PEFT's defaults top_k=10, eps=0.5)",
 }
 
 
 def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any = None, *,
                     full_finetune: Any = None, modules: str | None = None, amplification_rank: int | None = None,
-                    random_trials: int = 10, seed: int = 0, keep_singular_values: int = 64) -> dict:
+                    random_trials: int = 10, seed: int = 0, keep_singular_values: int = 64,
+                    intruders: bool = False, intruder_top_k: int = TOP_K, intruder_eps: float = EPS) -> dict:
     """Run the paper's §7 analyses on a saved adapter (and optionally a second one, a base model
     and a full fine-tune), per adapted module. All math in float64.
 
@@ -51,6 +56,8 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
         amplification_rank: r of §7.3; default each module's adapter rank.
         random_trials, seed: random-subspace draws for the §7.3 baseline.
         keep_singular_values: how many singular values of `W_ft - W0` to store (statistics use all).
+        intruders: count the intruder dimensions of `W0 + delta_weight` (and of `W_ft`) per module
+            (needs `base`; `lorakit.analysis.intruder_dimensions` with `intruder_top_k`, `intruder_eps`).
 
     Returns:
         A JSON-serialisable dict:
@@ -61,8 +68,11 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
         summary_A, summary_B, phi_delta_in, phi_delta_out, summary_delta_in, summary_delta_out}},
         only_in_first, only_in_second}`; `full_finetune` (or None):
         `{path, modules: {path: {shape, spectrum, energy_at_adapter_rank}}}`; `base`;
-        `definitions`; `warnings`. Spectra: see `spectrum_from_singular_values`;
-        amplification: see `amplification`.
+        `definitions`; `warnings`. With `intruders`, each adapter module and full fine-tune module
+        gets `intruders` (see `intruder_dimensions`) and the result an `intruders` summary:
+        `{top_k, eps, side, adapters: {label: summary}, full_finetune: summary | None}` with
+        `summary = {modules, with_intruders, total, per_module: {path: count}}`. Spectra: see
+        `spectrum_from_singular_values`; amplification: see `amplification`.
 
     Raises:
         AdapterLoadError, ConfigError: an unreadable adapter folder.
@@ -72,20 +82,16 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
         AnalysisError: other bad input (bad regex, `full_finetune` without `base`, ...).
     """
     _check_arguments(base, full_finetune, amplification_rank, random_trials, keep_singular_values)
+    if intruders and base is None:
+        raise AnalysisError("--intruders needs --base: intruder dimensions compare W0 + delta_weight with W0")
     adapters = [load_factors(path, modules)]
     if other is not None:
         adapters.append(load_factors(other, modules))
     labels = _labels([a.path for a in adapters])
     base_src = WeightSource(base, "--base") if base is not None else None
     warnings: list[str] = []
-    result: dict[str, Any] = {
-        "definitions": DEFINITIONS,
-        "base": None if base is None else _describe(base),
-        "adapters": [],
-        "similarity": None,
-        "full_finetune": None,
-        "warnings": warnings,
-    }
+    result: dict[str, Any] = {"definitions": DEFINITIONS, "base": None if base is None else _describe(base),
+                              "adapters": [], "similarity": None, "full_finetune": None, "warnings": warnings}
     svds: list[dict[str, tuple]] = []
     w0_cache: dict[str, torch.Tensor] = {}
     for label, ad in zip(labels, adapters):
@@ -98,6 +104,9 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
                 r = amplification_rank if amplification_rank is not None else mod.r
                 entry["modules"][mod_path]["amplification"] = amplification_from_svd(
                     *svds[-1][mod_path], w0_cache[mod_path], r, random_trials=random_trials, seed=seed)
+                if intruders:
+                    entry["modules"][mod_path]["intruders"] = intruder_dimensions(
+                        w0_cache[mod_path], w0_cache[mod_path] + mod.delta(), intruder_top_k, intruder_eps)
         result["adapters"].append(entry)
     if len(adapters) == 2:
         result["similarity"] = _similarity(adapters, labels, svds)
@@ -106,8 +115,23 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
             warnings.append(note)
     if full_finetune is not None:
         result["full_finetune"] = _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values,
-                                                 warnings)
+                                                 warnings, (intruder_top_k, intruder_eps) if intruders else None)
+    if intruders:
+        result["intruders"] = _intruder_summary(result, intruder_top_k, intruder_eps)
     return result
+
+
+def _intruder_summary(result: dict, top_k: int, eps: float) -> dict[str, Any]:
+    """Per adapter (and the full fine-tune): how many modules have intruders, and how many in all."""
+    def summary(modules: dict[str, dict]) -> dict[str, Any]:
+        counts = {p: m["intruders"]["count"] for p, m in modules.items() if "intruders" in m}
+        return {"modules": len(counts), "with_intruders": sum(c > 0 for c in counts.values()),
+                "total": sum(counts.values()), "per_module": counts}
+
+    ft = result.get("full_finetune")
+    return {"top_k": top_k, "eps": eps, "side": "left",
+            "adapters": {ad["label"]: summary(ad["modules"]) for ad in result["adapters"]},
+            "full_finetune": summary(ft["modules"]) if ft else None}
 
 
 def _check_arguments(base, full_finetune, amplification_rank, random_trials, keep_singular_values) -> None:
@@ -144,8 +168,9 @@ def _adapter_entry(label: str, ad, svds: dict[str, tuple], warnings: list[str]) 
     return entry
 
 
-def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values: int, warnings: list[str]) -> dict:
-    """Spectra of `W_ft - W0` for the adapted modules."""
+def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values: int, warnings: list[str],
+                   intruders: tuple[int, float] | None = None) -> dict:
+    """Spectra of `W_ft - W0` for the adapted modules (and W_ft's intruder dimensions, `(top_k, eps)`)."""
     ft_src = WeightSource(full_finetune, "--full-finetune")
     mods: dict[str, Any] = {}
     for ad in adapters:
@@ -154,10 +179,13 @@ def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_va
     ft: dict[str, Any] = {"path": _describe(full_finetune), "modules": {}}
     for p, mod in mods.items():
         W0 = w0_cache[p] if p in w0_cache else base_src.weight_for(mod)
-        S = torch.linalg.svdvals(ft_src.weight_for(mod) - W0)
+        W_ft = ft_src.weight_for(mod)
+        S = torch.linalg.svdvals(W_ft - W0)
         spec = spectrum_from_singular_values(S, mod.shape, keep=keep_singular_values)
         ft["modules"][p] = {"shape": list(mod.shape), "adapter_r": mod.r, "spectrum": spec,
                             "energy_at_adapter_rank": _energy_at(S, mod.r)}
+        if intruders is not None:
+            ft["modules"][p]["intruders"] = intruder_dimensions(W0, W_ft, *intruders)
         if spec["numerical_rank"] == 0:
             warnings.append(f"full fine-tune: {p}: W_ft - W0 is zero (same weights as --base?)")
     return ft

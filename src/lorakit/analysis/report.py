@@ -64,6 +64,8 @@ def to_markdown(result: dict, images: dict[str, str] | None = None) -> str:
         lines += _similarity_section(result["similarity"])
     if result.get("full_finetune"):
         lines += _full_finetune_section(result["full_finetune"])
+    if result.get("intruders"):
+        lines += _intruders_section(result)
     if result.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in result["definitions"].items()] + [""]
@@ -166,6 +168,42 @@ def _full_finetune_section(ft: dict) -> list[str]:
                      f"| {_f(s['effective_rank'], 3)} | "
                      f"{s.get('rank_90', '–')} | {s.get('rank_99', '–')} |")
     lines.append("")
+    return lines
+
+
+def _intruders_section(result: dict) -> list[str]:
+    """Intruder dimensions per module (Shuttleworth et al. 2024) of each adapter and the full fine-tune."""
+    info = result["intruders"]
+    lines = ["## Intruder dimensions (Shuttleworth et al. 2024, arXiv:2410.21228)", "",
+             f"Among the top {info['top_k']} {info['side']}-singular vectors of the fine-tuned weight, those whose "
+             f"max |cos| with every singular vector of W0 is below {info['eps']:g}.", "",
+             "| weights | modules | with intruders | intruders in all | mean per module |", "|---|---|---|---|---|"]
+    groups = [(f"`{label}` (W0 + delta_weight)", s) for label, s in info["adapters"].items()]
+    if info.get("full_finetune"):
+        groups.append(("full fine-tune W_ft", info["full_finetune"]))
+    for name, s in groups:
+        mean = s["total"] / s["modules"] if s["modules"] else None
+        lines.append(f"| {name} | {s['modules']} | {s['with_intruders']} | {s['total']} | {_f(mean, 3)} |")
+    lines += ["", "| weights | module | intruders | their ranks (0 = largest σ) | their σ | min max-cos of the top-k |",
+              "|---|---|---|---|---|---|"]
+    sources = [(ad["label"], ad["modules"]) for ad in result["adapters"]]
+    if result.get("full_finetune"):
+        sources.append(("full fine-tune", result["full_finetune"]["modules"]))
+    for name, modules in sources:
+        for p, m in modules.items():
+            it = m.get("intruders")
+            if it is None:
+                continue
+            lines.append(f"| {name} | `{p}` | {it['count']} | {', '.join(map(str, it['indices'])) or '–'} | "
+                         f"{', '.join(_f(v, 3) for v in it['intruder_singular_values']) or '–'} | "
+                         f"{_f(min(it['max_cosine']), 3)} |")
+    lines.append("")
+    mit = result.get("mitigation")
+    if mit:
+        grown = sum(m["new_r"] > m["r"] for m in mit["modules"].values())
+        lines += [f"Mitigation (paper §6): `{mit['out']}` holds the adapter with its {mit['total']} intruder "
+                  f"directions scaled by λ = {mit['lambda']:g}, exactly: {grown} modules grew from rank r to "
+                  "r + (their intruders).", ""]
     return lines
 
 

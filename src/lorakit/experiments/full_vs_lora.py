@@ -86,11 +86,13 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
         entry = {"modules": _full_update_spectra(attention, base_state, ft_state), "analysis": None}
         if lora_run.adapter_dir and not lora_run.error:
             # lorakit.analysis full-finetune support: the LoRA-adapted modules, W_ft - W0 next to the adapter
-            analysis = analyze_adapter(lora_run.adapter_dir, base=base_state, full_finetune=ft_state)
+            analysis = analyze_adapter(lora_run.adapter_dir, base=base_state, full_finetune=ft_state, intruders=True)
             write_report(analysis, work / f"analysis_{_slug(run_.label)}", max_heatmaps=0)
             entry["analysis"] = {p: {"energy_at_adapter_rank": m["energy_at_adapter_rank"], "adapter_r": m["adapter_r"]}
                                  for p, m in analysis["full_finetune"]["modules"].items()}
             entry["overlap"] = _overlap(lora_run.adapter_dir, base_state, ft_state)
+            entry["intruders"] = {"lora": next(iter(analysis["intruders"]["adapters"].values())),
+                                  "full": analysis["intruders"]["full_finetune"]}
             lora_analysis = analysis
         updates[run_.label] = entry
         run_.model = None  # free it
@@ -104,7 +106,7 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     results["timing"] = timing
     results["updates"] = {label: {"per_type": _per_type(e["modules"], base_state),
                                   "energy_at_adapter_rank": e["analysis"],
-                                  "overlap": e.get("overlap")}
+                                  "overlap": e.get("overlap"), "intruders": e.get("intruders")}
                           for label, e in updates.items()}
     results["lora_update"] = None if lora_spectra is None else _per_type(lora_spectra, base_state)
     results["random_gaussian"] = random
@@ -265,6 +267,7 @@ def _markdown(results: dict, runs: list[RunResult], lora_run: RunResult, recipe,
 
     if results["updates"]:
         lines += _spectrum_section(results, r, images)
+        lines += _intruders_section(results)
     lines += ["## Files", "", "`results.json` holds every number above, the loss curves and per-example correctness; "
               f"the LoRA adapter and the full `lorakit.analysis` reports are in `{work}` (not committed).", ""]
     return "\n".join(lines)
@@ -320,6 +323,26 @@ def _spectrum_section(results: dict, r: int, images: dict) -> list[str]:
                                "φ(1,1) output", "φ(1,1) input", "chance φ(r,r)"], rows))
         lines.append("")
     return lines
+
+
+def _intruders_section(results: dict) -> list[str]:
+    """Intruder dimensions (Shuttleworth et al. 2024) of W0 + LoRA's update and of each full fine-tune."""
+    found = {label: u["intruders"] for label, u in results["updates"].items() if u.get("intruders")}
+    if not found:
+        return []
+    lines = ["## Intruder dimensions: LoRA vs full fine-tuning (Shuttleworth et al. 2024, arXiv:2410.21228)", "",
+             "Among the top 10 left-singular vectors of the fine-tuned weight of each LoRA-adapted module, those whose "
+             "max |cos| with every singular vector of W0 is below 0.5 (`lorakit analyze --intruders`, PEFT's defaults; "
+             "docs/analysis.md).", ""]
+    rows = [["LoRA", *_intruder_cells(next(iter(found.values()))["lora"])]]
+    rows += [[f"{label} (full fine-tune)", *_intruder_cells(i["full"])] for label, i in found.items()]
+    lines += [md_table(["weights", "modules", "with intruders", "intruders in all", "per module"], rows), ""]
+    return lines
+
+
+def _intruder_cells(s: dict) -> list[str]:
+    per = ", ".join(str(c) for c in s["per_module"].values())
+    return [str(s["modules"]), str(s["with_intruders"]), str(s["total"]), per]
 
 
 def _slug(text: str) -> str:

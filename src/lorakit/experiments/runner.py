@@ -29,6 +29,8 @@ import torch
 from ..inject import inject
 from ..io import save_adapter
 from ..merge import count_parameters
+from ..quant.qera import CORRECTION_ADAPTER, fold_corrections
+from ..state import get_state
 from ..train import data as data_mod
 from ..train.loop import LoopConfig, train
 from ..train.prepare import Prepared, lora_config_for
@@ -39,7 +41,7 @@ from ..train.recipe import apply, load_recipe
 PREPARED_FIELDS = ("model", "task", "data", "text_field", "label_field", "prompt_field", "response_field",
                    "label_words",
                    "prompt_template", "test_size", "val_size", "split_seed", "max_length", "eval_batch_size", "seed",
-                   "device", "precision", "threads", "quantize")
+                   "device", "precision", "threads", "quantize", "qera_rank", "calibration_size")
 
 
 def _stderr(msg: str) -> None:
@@ -94,6 +96,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     load_average: dict[str, Any] = field(default_factory=dict)
     adapter_dir: str | None = None
+    quantization: dict[str, Any] | None = None  # QLoRA arms: bits per parameter, the QERA correction's report
     error: str | None = None
     model: Any = None  # the trained model when the arm asked to keep it (not serialised)
 
@@ -120,7 +123,7 @@ class RunResult:
             "peak_memory_bytes": self.peak_memory_bytes, "load_average": self.load_average,
             "first_loss": self.losses[0] if self.losses else None,
             "last_loss": self.losses[-1] if self.losses else None,
-            "losses": self.losses, "adapter_dir": self.adapter_dir,
+            "losses": self.losses, "adapter_dir": self.adapter_dir, "quantization": self.quantization,
         }
         if with_correct and self.correct is not None:
             out["correct"] = "".join("1" if c else "0" for c in self.correct)
@@ -176,6 +179,10 @@ class Session:
             self.log(f"zero-shot: {_summary(metrics)} ({seconds:.0f} s)")
         return self._zero_shot[key]
 
+    def release(self) -> None:
+        """Forget the prepared models (their memory); zero-shot scores are kept. A later arm loads again."""
+        self._prepared.clear()
+
     # ------------------------------------------------------------------ one arm
     def run(self, base: str, arm: Arm, folder: str | Path) -> RunResult:
         """Train and evaluate `arm` on top of recipe `base`; adapters are saved to `folder/<label>/adapter`.
@@ -194,7 +201,12 @@ class Session:
         self.log(f"--- {arm.label}: {method}, {recipe.steps} steps x {recipe.batch_size}, lr {recipe.lr:g}"
                  + ("" if arm.full_finetune else f", LoRA {_lora_text(recipe.lora)}"))
 
-        model = prep.fresh_model()
+        t = time.perf_counter()
+        model = prep.fresh_model(quantize=False)
+        # QLoRA (recipe quantize: nf4): NF4 + double quantization, and the frozen QERA correction if qera_rank > 0
+        res.quantization = prep.quantize(model, correct=True, log=self.log)
+        if res.quantization is not None:
+            res.quantization["seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         if arm.full_finetune:
             for p in model.parameters():
@@ -238,6 +250,8 @@ class Session:
         res.eval_seconds = time.perf_counter() - t
         if not arm.full_finetune:
             adapter_dir = Path(folder) / _slug(arm.label) / "adapter"
+            if CORRECTION_ADAPTER in get_state(model).configs:  # as lorakit train: trained + correction, one adapter
+                fold_corrections(model)
             save_adapter(model, adapter_dir)
             res.adapter_dir = str(adapter_dir)
         if arm.keep_model:
@@ -329,6 +343,88 @@ def paired(reference: list[bool], other: list[bool]) -> dict[str, Any]:
         p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
     return {"only_reference": b, "only_other": c, "delta_points": 100 * (c - b) / len(reference) if reference else 0.0,
             "p_value": p}
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value `P(|T| >= |t|)` of Student's t distribution with `df` (integer >= 1) degrees of freedom.
+
+    Closed form for integer `df` (Abramowitz & Stegun 26.7.3-26.7.4): with `theta = atan(|t| / sqrt(df))`,
+    `P(|T| < |t|)` is `(2 / pi) (theta + sin(theta) cos(theta) sum_j c_j cos^(2j)(theta))` for odd `df` and
+    `sin(theta) sum_j c_j cos^(2j)(theta)` for even `df`. Raises `ValueError` for `df < 1` or a NaN `t`.
+    """
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"degrees of freedom must be an integer >= 1, got {df!r}")
+    if t != t:
+        raise ValueError("t is NaN")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):  # 1 + (2/3) c2 + (2*4)/(3*5) c2^2 + ...
+            term *= c2 * (2 * j) / (2 * j + 1)
+            total += term
+        inside = 2 / math.pi * (theta + s * math.cos(theta) * total)
+    else:
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):  # 1 + (1/2) c2 + (1*3)/(2*4) c2^2 + ...
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        inside = s * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The `t > 0` with two-sided `t_two_sided_p(t, df) == 1 - p` (e.g. `p=0.95`: the 95% interval's half-width
+    in standard errors), by bisection to 1e-12. Raises `ValueError` unless `0 < p < 1`."""
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 1 - p:
+        hi *= 2
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_t(differences: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Paired t-test of per-seed differences (arm minus reference, same seed), H0: mean difference 0.
+
+    Returns `{"n", "mean", "sd" (sample, n - 1), "se", "t", "df", "p_value" (two-sided), "ci": [lo, hi]
+    (the `confidence` interval of the mean), "sign_flip_p"}`; `sign_flip_p` is the exact two-sided
+    sign-flip permutation p (all `2^n` sign patterns; no normality assumed; None above 20 differences).
+    With fewer than 2 differences, or all differences equal, the t fields are None (a zero spread gives no t).
+    Raises `ValueError` for an empty list.
+    """
+    n = len(differences)
+    if n == 0:
+        raise ValueError("paired_t needs at least one difference")
+    mean_d = statistics.fmean(differences)
+    out: dict[str, Any] = {"n": n, "mean": mean_d, "sd": None, "se": None, "t": None, "df": n - 1, "p_value": None,
+                           "ci": None, "sign_flip_p": _sign_flip_p(differences)}
+    if n < 2:
+        return out
+    sd = statistics.stdev(differences)
+    if sd == 0:
+        out["sd"] = out["se"] = 0.0
+        return out
+    se = sd / math.sqrt(n)
+    t = mean_d / se
+    half = t_quantile(confidence, n - 1) * se
+    out.update(sd=sd, se=se, t=t, p_value=t_two_sided_p(t, n - 1), ci=[mean_d - half, mean_d + half])
+    return out
+
+
+def _sign_flip_p(differences: list[float]) -> float | None:
+    if len(differences) > 20:  # 2^n sign patterns
+        return None
+    observed = abs(sum(differences))
+    n = len(differences)
+    hits = sum(abs(sum(d if (mask >> i) & 1 else -d for i, d in enumerate(differences))) >= observed - 1e-12
+               for mask in range(2 ** n))
+    return hits / 2 ** n
 
 
 # ---------------------------------------------------------------------- helpers

@@ -6,6 +6,7 @@
 | `nn.Linear` (plain forward), transformers' GPT-2 `Conv1D` | `LoraLinear` |
 | `nn.Embedding` | `LoraEmbedding` |
 | `nn.Conv1d/2d/3d` | `LoraConv` |
+| transformers mixture-of-experts experts module (3-D expert weights) | `LoraExperts` |
 
 `KINDS` is checked in order; `register_kind` adds a kind in front (docs/architecture.md).
 """
@@ -20,6 +21,7 @@ from ..ops.nf4 import is_quantized_linear
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
+from .experts import LoraExperts, is_experts
 from .linear import LoraLinear, SliceSpec, is_conv1d
 from .linear4bit import LoraLinear4bit
 from .save import ModulesToSave
@@ -39,6 +41,7 @@ KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer] | None]] = [
     (_plain_linear, LoraLinear),
     (lambda m: isinstance(m, nn.Embedding), LoraEmbedding),
     (lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoraConv),
+    (is_experts, LoraExperts),  # selected through target_parameters (lorakit.inject.plan)
 ]
 
 
@@ -63,5 +66,6 @@ def is_linear_like(module: nn.Module) -> bool:
     return cls is not None and issubclass(cls, LoraLinear)  # LoraLinear4bit too
 
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraLinear4bit", "LoraEmbedding", "LoraConv", "ModulesToSave", "SliceSpec",
+__all__ = ["LoraLayer", "LoraLinear", "LoraLinear4bit", "LoraEmbedding", "LoraConv", "LoraExperts", "ModulesToSave",
+           "SliceSpec",
            "KINDS", "register_kind", "wrapper_for", "is_conv1d", "is_linear_like"]

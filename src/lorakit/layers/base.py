@@ -36,11 +36,14 @@ class LoraLayer(nn.Module):
         merged_adapters: names currently folded into `base_layer`'s weight.
         variant_cache: variants' inference caches, dropped on `train()`/`eval()` and moves.
     Class attributes: `file_keys` (PEFT key suffixes of A and B), `supported_variants` (names of the
-    variants the kind supports).
+    variants the kind supports), `per_expert` (True for `LoraExperts`, whose `lora_A[name]` /
+    `lora_B[name]` hold one pair per expert and per expert weight: the tools that treat A and B as one
+    `(r, in)` / `(out, r)` pair, `combine` and `mixed_batch`, refuse it).
     """
 
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     supported_variants: tuple[str, ...] = ("lora",)
+    per_expert = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -108,6 +111,30 @@ class LoraLayer(nn.Module):
 
     def lora_shapes(self, r: int, slices=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return self.shapes(self.base_layer, r, slices)
+
+    # ------------------------------------------------------------------ adapter files (PEFT layout; lorakit.io)
+    @classmethod
+    def file_layout(cls, base: nn.Module, r: int, parameters=None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """`{file key suffix: (attribute, shape)}` of A and B of rank `r` on `base` in an adapter file
+        (`parameters`: the weights adapted, for kinds with several)."""
+        shape_a, shape_b = cls.shapes(base, r)
+        key_a, key_b = cls.file_keys
+        return {key_a: ("lora_A", tuple(shape_a)), key_b: ("lora_B", tuple(shape_b))}
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors as an adapter file holds them, by key suffix after the module path."""
+        key_a, key_b = self.file_keys
+        out = {key_a: self.lora_A[name], key_b: self.lora_B_dense(name)}  # sliced B: the PEFT-readable dense form
+        for attr, tensor in self.adapter_parameters(name).items():
+            if attr not in ("lora_A", "lora_B"):  # the bias of B (lora_B.bias), DoRA's magnitude, ...
+                out[attr] = tensor
+        return out
+
+    def load_file_tensor(self, name: str, attr: str, tensor: torch.Tensor) -> None:
+        """Copy a file tensor (already checked against `file_layout`) into adapter `name`'s `attr`."""
+        target = getattr(self, attr)[name] if attr in ("lora_A", "lora_B") else self.adapter_parameters(name)[attr]
+        with torch.no_grad():
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`scaling * B @ A` in the base weight's layout, computed in `dtype` (default float32)."""

@@ -74,7 +74,8 @@ def add_low_rank(result: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torc
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float32,
                  groups: int = 1) -> torch.Tensor:
-    """`scaling * B @ A` computed in `dtype`: `A: (r, K)`, `B: (out, r / groups)` -> `(out, K)`.
+    """`scaling * B @ A` computed in `dtype`: `A: (r, K)`, `B: (out, r / groups)` -> `(out, K)`; with
+    `groups == 1`, leading batch dimensions are products of their own (experts: `(E, r, K)`, `(E, out, r)`).
 
     With `groups > 1` (grouped convolutions) the update is block diagonal: group `j`
     is `B_j @ A_j` with `A_j` the `j`-th `r / groups` rows of A and `B_j` the `j`-th

@@ -4,7 +4,7 @@
 
 - `process`: what the process holds now (resident set on the CPU; allocated on a GPU): the
   base model and everything loaded so far;
-- `lora` (4 bytes a trainable value: `r x (in + out)` per target, whole `modules_to_save`), its
+- `lora` (4 bytes a trainable value: `r x (in + out)` per target and per expert, whole `modules_to_save`), its
   gradients (4) and AdamW's two moments (8);
 - `activations`: what backward keeps, per token of a micro-batch (`batch_size x max_length`) and
   layer: `4 x (10 x hidden + 3 x intermediate)` bytes (the inputs of the attention and MLP
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..layers.experts import weight_features
 from ..ops.loss import CHUNK_BYTES
 
 REFUSE_RATIO = 2.0
@@ -34,7 +35,13 @@ REFUSE_RATIO = 2.0
 
 def _lora_values(plan, r: int) -> int:
     total = 0
-    for _, module in plan.targets:
+    for path, module in plan.targets:
+        if path in plan.parameters:  # mixture-of-experts expert weights: one (r, in) + (out, r) pair per expert
+            base = getattr(module, "base_layer", module)
+            for name in plan.parameters[path]:
+                experts, in_f, out_f = weight_features(base, name)
+                total += r * experts * (in_f + out_f)
+            continue
         weight = getattr(module, "weight", None)
         if weight is not None and weight.dim() >= 2:
             total += r * (int(weight.shape[0]) + int(weight.shape[1]))

@@ -58,7 +58,10 @@ _LORA_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--r", "r", int, "LoRA rank"),
     ("--alpha", "alpha", float, "LoRA alpha (scaling = alpha / r)"),
     ("--lora-dropout", "dropout", float, "dropout on the LoRA branch"),
-    ("--target-modules", "target_modules", str, "comma-separated names, a regex, or all-linear"),
+    ("--target-modules", "target_modules", str,
+     "comma-separated names, a regex, all-linear, or all (all-linear plus mixture-of-experts expert weights)"),
+    ("--target-parameters", "target_parameters", str,
+     "comma-separated 3-D expert weights to adapt, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj"),
     ("--modules-to-save", "modules_to_save", str, "comma-separated modules trained in full and saved (e.g. a head)"),
 ]
 
@@ -91,7 +94,7 @@ def _split_list(value: str) -> list[str]:
 
 
 def _target_modules(value: str) -> list[str] | str:
-    if value == "all-linear" or any(c in value for c in "*[]()|^$\\?+"):
+    if value in ("all-linear", "all") or any(c in value for c in "*[]()|^$\\?+"):
         return value
     return _split_list(value)
 
@@ -109,7 +112,7 @@ def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
             name = key[5:]
             if name == "target_modules":
                 value = _target_modules(value)
-            elif name == "modules_to_save":
+            elif name in ("modules_to_save", "target_parameters"):
                 value = _split_list(value)
             lora[name] = value
     if getattr(args, "label_words", None):

@@ -196,14 +196,16 @@ class Prepared:
             f"{self.qera['seconds']:.0f} s")
         return {**bits_per_param(model).as_dict(), "qera": self.qera}
 
-    def fresh_model(self):
-        """Another copy of the base model, loaded the same way (same seed for a new head)."""
+    def fresh_model(self, quantize: bool = True):
+        """Another copy of the base model, loaded the same way (same seed for a new head); quantized as the
+        recipe says (without the QERA correction) unless `quantize` is false (then call `self.quantize`)."""
         kind = self.task.model_kind
         labels = getattr(self.task, "labels", None)
         model, _ = load_model(self.source, kind, num_labels=len(labels) if labels else None,
                               labels=[str(l) for l in labels] if labels else None, seed=self.recipe.seed)
         model = model.to(self.device)
-        self.quantize(model)
+        if quantize:
+            self.quantize(model)
         return model
 
     def evaluate(self, model, examples, desc: str | None = None, log: Callable[[str], None] | None = None):

@@ -81,6 +81,10 @@ def linear_weights(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, n
             base = module.original_module
         if isinstance(base, (nn.Linear, nn.Embedding)) or is_conv1d(base):
             yield path, kind_of(path, base, head_paths), base.weight, module
+        elif isinstance(module, LoraLayer) and module.per_expert:  # an adapted experts module: each 3-D weight
+            for name, p in base.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    yield f"{path}.{name}", "experts", p, module
         elif not isinstance(module, (LoraLayer, ModulesToSave)):
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() == 3:  # mixture-of-experts weights kept as (experts, out, in) parameters
@@ -95,15 +99,23 @@ def coverage(model: nn.Module, adapter: str) -> dict[str, KindCoverage]:
     embedding) counts in each module's kind, and once in `"all"`."""
     out = {k: KindCoverage(k) for k in (*KINDS, "all")}
     distinct: dict[int, list] = {}  # tensor id -> [elements, adapted through any of its modules]
-    for _path, kind, weight, module in linear_weights(model):
-        adapted = (isinstance(module, LoraLayer) and adapter in module.lora_A) or (
-            isinstance(module, ModulesToSave) and adapter in module.modules_to_save)
+    for path, kind, weight, module in linear_weights(model):
+        adapted = _adapts(module, adapter, path)
         _count(out[kind], weight.numel(), adapted)
         entry = distinct.setdefault(id(weight), [weight.numel(), False])
         entry[1] = entry[1] or adapted
     for n, adapted in distinct.values():
         _count(out["all"], n, adapted)
     return out
+
+
+def _adapts(module: nn.Module, adapter: str, path: str) -> bool:
+    """Whether adapter `adapter` adapts (or trains in full) the linear parameter at `path` of `module`."""
+    if isinstance(module, ModulesToSave):
+        return adapter in module.modules_to_save
+    if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+        return False
+    return not module.per_expert or path.rsplit(".", 1)[-1] in module.targets[adapter]
 
 
 def _count(c: KindCoverage, n: int, adapted: bool) -> None:
@@ -122,6 +134,8 @@ def unmatched_keys(model: nn.Module, keys) -> list[str]:
         rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
         suffix = next((s for s in _FILE_SUFFIXES if rest.endswith("." + s)), None)
         path = rest[: -len(suffix) - 1] if suffix else rest.rpartition(".")[0]
+        while path.endswith(".base_layer"):  # PEFT's nested wrappers of expert weights (target_parameters)
+            path = path[: -len(".base_layer")]
         if path not in paths:
             bad.append(key)
     return bad
@@ -135,9 +149,18 @@ def module_deltas(model: nn.Module, adapter: str) -> list[ModuleDelta]:
     for path, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
+        if layer.per_expert:  # one entry per adapted 3-D expert weight
+            for name in layer.targets[adapter]:
+                w0 = layer.unmerged_weight(name).float()
+                delta = layer.merged_weight([adapter], name).float() - w0
+                out.append(_delta(f"{path}.{name}", w0, delta, layer.lora_B[adapter][name]))
+            continue
         w0 = (layer._weight_backup if layer._weight_backup is not None else layer.weight).float()
         delta = layer.merged_weight([adapter]).float() - w0
-        norm0 = float(w0.norm())
-        out.append(ModuleDelta(path, float(delta.norm()) / norm0 if norm0 else float("inf"),
-                               not bool(layer.lora_B[adapter].count_nonzero())))
+        out.append(_delta(path, w0, delta, layer.lora_B[adapter]))
     return out
+
+
+def _delta(path: str, w0: torch.Tensor, delta: torch.Tensor, B: torch.Tensor) -> ModuleDelta:
+    norm0 = float(w0.norm())
+    return ModuleDelta(path, float(delta.norm()) / norm0 if norm0 else float("inf"), not bool(B.count_nonzero()))
