@@ -123,8 +123,8 @@ def test_matched_rank():
 # ---------------------------------------------------------------------- end to end, tiny
 def test_lr_sweep_quick(tmp_path, tiny_bert):
     out, work = tmp_path / "out", tmp_path / "work"
-    code = cli.main(["experiment", "lr-sweep", "--quick", "--full-lrs", "1e-4,1e-3,1e-2", "--lora-lrs", "1e-3,1e-2",
-                     "--ranks", "1,4", "--match-rank", "4", "--bootstrap", "100", "--set", f"model={tiny_bert}",
+    code = cli.main(["experiment", "lr-sweep", "--quick", "--full-grid", "1e-4,1e-3,1e-2", "--lora-grid", "1e-3,1e-2",
+                     "--sweep-ranks", "1,4", "--match-rank", "4", "--bootstrap", "100", "--set", f"model={tiny_bert}",
                      "--set", "threads=1", "--out", str(out), "--work", str(work)])
     assert code == 0
     for f in ("report.md", "results.json", "lr_curves.png", "accuracy.png"):
@@ -177,6 +177,24 @@ def test_lr_sweep_quick(tmp_path, tiny_bert):
 
 
 def test_lr_sweep_refuses_bad_grids(tmp_path, capsys):
-    for flag, bad in (("--full-lrs", "a"), ("--lora-lrs", "1e-3,1e-3"), ("--ranks", "0,4")):
+    for flag, bad in (("--full-grid", "a"), ("--lora-grid", "1e-3,1e-3"), ("--sweep-ranks", "0,4")):
         assert cli.main(["experiment", "lr-sweep", flag, bad, "--out", str(tmp_path)]) == 2
         assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_all_keeps_every_experiments_own_defaults():
+    """`lorakit experiment all` puts every experiment's flags on one parser: lr-sweep's must not shadow
+    full-vs-lora's `--full-lrs` or rank-sweep's `--ranks`."""
+    import argparse
+
+    from lorakit.experiments import full_vs_lora, lr_sweep, rank_sweep
+    from lorakit.experiments.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["all"])
+    assert args.full_lrs == full_vs_lora.DEFAULT_FULL_LRS
+    assert args.ranks == ",".join(map(str, rank_sweep.DEFAULT_RANKS))
+    assert (args.full_grid, args.lora_grid, args.sweep_ranks) == (
+        lr_sweep.DEFAULT_FULL_LRS, lr_sweep.DEFAULT_LORA_LRS, lr_sweep.DEFAULT_RANKS)
+    assert args.lora_alpha == 32.0 and args.match_rank == 16

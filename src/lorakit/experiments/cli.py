@@ -5,7 +5,7 @@
     lorakit experiment full-vs-lora [--out DIR] [--full-lrs 2e-5,5e-5,1e-4]
     lorakit experiment variants     [--out DIR] [--loraplus-ratio 16]
     lorakit experiment qlora-parity [--out DIR] [--seeds 0,1,2,3,4] [--qera-rank 8]
-    lorakit experiment lr-sweep     [--out DIR] [--full-lrs ...] [--lora-lrs ...] [--ranks 1,4,16,64]
+    lorakit experiment lr-sweep     [--out DIR] [--full-grid ...] [--lora-grid ...] [--sweep-ranks 1,4,16,64]
     lorakit experiment all          [--out DIR]            # every one, into DIR/<name>/
 
 Common options: `--quick` (2 steps, 32 test examples: a smoke test, not a measurement),

@@ -49,16 +49,16 @@ FULL = "full FT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--full-lrs", default=DEFAULT_FULL_LRS, metavar="LR,...",
+    p.add_argument("--full-grid", default=DEFAULT_FULL_LRS, metavar="LR,...",
                    help="learning rates of full fine-tuning (default %(default)s)")
-    p.add_argument("--lora-lrs", default=DEFAULT_LORA_LRS, metavar="LR,...",
+    p.add_argument("--lora-grid", default=DEFAULT_LORA_LRS, metavar="LR,...",
                    help="learning rates of every LoRA arm (default %(default)s)")
-    p.add_argument("--ranks", default=DEFAULT_RANKS, metavar="R,...",
+    p.add_argument("--sweep-ranks", default=DEFAULT_RANKS, metavar="R,...",
                    help="ranks of the all-linear LoRA arms (default %(default)s)")
     p.add_argument("--match-rank", type=int, default=16, metavar="R",
                    help="attention-only LoRA gets the parameter count of all-linear rank R (default %(default)s; "
                         "0: no attention-only arm)")
-    p.add_argument("--alpha", type=float, default=32.0,
+    p.add_argument("--lora-alpha", type=float, default=32.0,
                    help="LoRA alpha, the same for every rank (scaling alpha / r, as the blog; default %(default)s)")
     p.add_argument("--tail", type=int, default=10, metavar="N",
                    help="curve value: mean training loss of the last N steps (default %(default)s)")
@@ -189,16 +189,16 @@ def _per_rank(session: Session, common: dict[str, Any], lora: dict[str, Any]) ->
 
 def plan(session: Session, args: argparse.Namespace) -> tuple[dict[str, list[Arm]], dict[str, Any]]:
     """The arms of every curve (`{curve name: [Arm per lr]}`) and the parameter matching."""
-    full_lrs = _numbers(getattr(args, "full_lrs", DEFAULT_FULL_LRS), "--full-lrs")
-    lora_lrs = _numbers(getattr(args, "lora_lrs", DEFAULT_LORA_LRS), "--lora-lrs")
-    ranks = _numbers(getattr(args, "ranks", DEFAULT_RANKS), "--ranks", int)
+    full_lrs = _numbers(getattr(args, "full_grid", DEFAULT_FULL_LRS), "--full-grid")
+    lora_lrs = _numbers(getattr(args, "lora_grid", DEFAULT_LORA_LRS), "--lora-grid")
+    ranks = _numbers(getattr(args, "sweep_ranks", DEFAULT_RANKS), "--sweep-ranks", int)
     match = getattr(args, "match_rank", 16)
     if match < 0:
         raise UsageError(f"--match-rank must be >= 0, got {match}")
     common: dict[str, Any] = {}
     if "steps" not in session.overrides:
         common["steps"] = DEFAULT_STEPS
-    alpha = getattr(args, "alpha", 32.0)
+    alpha = getattr(args, "lora_alpha", 32.0)
     all_linear = {"target_modules": "all-linear", "alpha": alpha}
     curves = {FULL: [Arm(f"{FULL}, lr {lr:g}", {**common, "lr": lr}, full_finetune=True) for lr in full_lrs]}
     for r in ranks:
@@ -346,7 +346,7 @@ def _optima_section(results: dict) -> list[str]:
     if edges:
         lines += ["", "Not bracketed by the grid (the optimum, and every ratio involving it, is a grid point or a "
                   "bound, not a fit): " + ", ".join(f"{n} ({boot['arms'][n]['where']})" for n in edges)
-                  + ". Widen or refine `--full-lrs` / `--lora-lrs`."]
+                  + ". Widen or refine `--full-grid` / `--lora-grid`."]
     if a["rank_spread"] is not None:
         lines += ["", f"Spread of the all-linear LoRA optima across ranks: largest / smallest = "
                   f"{a['rank_spread']:.2f}x."]
