@@ -98,15 +98,8 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
         svds.append({})
         entry = _adapter_entry(label, ad, svds[-1], warnings)
         if base_src is not None:
-            for mod_path, mod in ad.modules.items():
-                if mod_path not in w0_cache:
-                    w0_cache[mod_path] = base_src.weight_for(mod)
-                r = amplification_rank if amplification_rank is not None else mod.r
-                entry["modules"][mod_path]["amplification"] = amplification_from_svd(
-                    *svds[-1][mod_path], w0_cache[mod_path], r, random_trials=random_trials, seed=seed)
-                if intruders:
-                    entry["modules"][mod_path]["intruders"] = intruder_dimensions(
-                        w0_cache[mod_path], w0_cache[mod_path] + mod.delta(), intruder_top_k, intruder_eps)
+            _against_base(entry, ad, svds[-1], base_src, w0_cache, amplification_rank, (random_trials, seed),
+                          (intruder_top_k, intruder_eps) if intruders else None)
         result["adapters"].append(entry)
     if len(adapters) == 2:
         result["similarity"] = _similarity(adapters, labels, svds)
@@ -119,6 +112,20 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
     if intruders:
         result["intruders"] = _intruder_summary(result, intruder_top_k, intruder_eps)
     return result
+
+
+def _against_base(entry: dict, ad, svds: dict, base_src, w0_cache: dict, amplification_rank: int | None,
+                  trials_seed: tuple[int, int], intruders: tuple[int, float] | None) -> None:
+    """The analyses that need W0, per module of one adapter: amplification (§7.3), intruders."""
+    for mod_path, mod in ad.modules.items():
+        if mod_path not in w0_cache:
+            w0_cache[mod_path] = base_src.weight_for(mod)
+        r = amplification_rank if amplification_rank is not None else mod.r
+        entry["modules"][mod_path]["amplification"] = amplification_from_svd(
+            *svds[mod_path], w0_cache[mod_path], r, random_trials=trials_seed[0], seed=trials_seed[1])
+        if intruders is not None:
+            entry["modules"][mod_path]["intruders"] = intruder_dimensions(
+                w0_cache[mod_path], w0_cache[mod_path] + mod.delta(), *intruders)
 
 
 def _intruder_summary(result: dict, top_k: int, eps: float) -> dict[str, Any]:
