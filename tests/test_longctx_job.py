@@ -11,9 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lorakit as lk
 from lorakit import cli
 from lorakit.train import load_recipe, run_train
 from lorakit.train.errors import RecipeError
+from lorakit.train.prepare import make_task
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny_run import NEGATIVE, NOUNS, POSITIVE, make_tiny
 
@@ -94,6 +97,33 @@ def test_packing_instruct_rows_report_less_padding(tiny, tmp_path):
     # a packed step sees more examples: the same 3 steps cover more of the data
     assert packed["training"]["tokens"] > padded["training"]["tokens"]
     assert packed["checks"]["merged_predictions_equal"]
+
+
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_batch_of_the_same_examples(tiny):
+    """--packing changes the speed, not the objective: the job's packed rows (each example attending
+    only to itself, positions restarting) give the padded batch's token-mean loss and gradients."""
+    model_dir, _, chat = tiny
+    recipe = load_recipe(None, dict(model=str(model_dir), task="instruct", data=str(chat), max_length=64,
+                                    lora={"target_modules": ["q_proj", "v_proj"], "r": 4}))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = [json.loads(line) for line in open(chat)][:7]
+    for i, e in enumerate(examples):  # answers of different lengths: a token mean differs from an example mean
+        e["response"] = " ".join(["good"] * (1 + 3 * i))
+    task = make_task(recipe, tokenizer, examples)
+    model = lk.inject(AutoModelForCausalLM.from_pretrained(model_dir), lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    for p in model.parameters():  # a non-zero B, so that the adapter's gradients are not all zero
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    results = []
+    for batch in (task.batch(examples, "cpu"), task.batch([examples[:3], examples[3:]], "cpu")):
+        model.zero_grad()
+        loss, tokens = task.loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), tokens, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (padded, n_padded, g_padded), (packed, n_packed, g_packed) = results
+    assert n_padded == n_packed and "attention_mask" in task.batch([examples[:3]], "cpu")
+    assert abs(padded.item() - packed.item()) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(g_padded, g_packed)) <= 1e-5
 
 
 def test_bad_long_context_input_is_one_line(tiny, tmp_path, capsys):

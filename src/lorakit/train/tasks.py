@@ -349,11 +349,13 @@ class Instruct(_CausalTask):
     def batch(self, examples, device):
         """A padded batch of examples, or (items that are lists: packed rows of examples) a packed one
         (`lorakit.train.packing.collate_packed`: positions restart per example, each attends only to
-        itself, `loss_weights` give the mean of the examples' mean losses)."""
+        itself). Both are the mean over the supervised tokens, so `--packing` changes the speed, not
+        what is optimised: a packed batch's loss equals the padded batch's of the same examples."""
         if examples and isinstance(examples[0], list):
             rows = [[self.encode(e) for e in row] for row in examples]
             cpu = device is None or torch.device(device).type == "cpu"
-            packed = collate_packed(rows, self.tokenizer.pad_token_id, attention="mask" if cpu else "position_ids",
+            packed = collate_packed(rows, self.tokenizer.pad_token_id, weighting="token",
+                                    attention="mask" if cpu else "position_ids",
                                     mask_dtype=torch.float32 if cpu else None)  # a float mask: no per-layer copy
             packed["tokens"] = torch.tensor(sum(len(x) for row in rows for x, _ in row))
             return {k: v.to(device) if k != "tokens" else v for k, v in packed.items()}
