@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,7 +204,7 @@ def test_merge_and_eval_work_from_another_folder_and_merge_needs_no_data(tiny, t
     assert "merged model written to merged; logits max |diff| merged vs unmerged: " in err
 
 
-def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys):
+def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys, tmp_path):
     out, _ = finished
     original = tiny[1].read_text()
     tiny[1].write_text(original.replace("great", "grand", 1))
@@ -212,6 +213,11 @@ def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys)
     finally:
         tiny[1].write_text(original)
     assert f"warning: data {tiny[1]} changed since the run was trained (sha256 " in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"  # another file given with --data is not "the data changed"
+    other.write_text("".join(original.splitlines(True)[:20]))
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "changed since the run was trained" not in err and "on all 20 examples" in err
 
 
 def test_a_classification_head_run_merges_without_its_data(tiny, tmp_path, capsys):
@@ -655,3 +661,15 @@ def test_validation_accuracy_is_logged_with_its_interval(tiny, tmp_path):
     low, high = wilson(round(first["accuracy"] * first["n"]), first["n"])
     assert any(m.startswith("eval @ step 0:") and m.endswith(f"(accuracy 95% CI {low:.3f}-{high:.3f}, n=8)")
                for m in logged), logged
+
+
+def test_the_summary_line_says_which_examples_the_merged_accuracy_covers(finished, capsys):
+    out, report = finished
+    k, n = report["checks"]["merged_examples"], report["test"]["after"]["n"]
+    cli._print_train_summary(report, SimpleNamespace(out_dir=out))
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("test accuracy: ") and f", n={n};" in line
+    assert (f"(merged, first {k} examples)" in line) == (k < n) and ("(merged)" in line) == (k == n)
+    full = {**report, "checks": {**report["checks"], "merged_examples": n}}
+    cli._print_train_summary(full, SimpleNamespace(out_dir=out))
+    assert "(merged)," in capsys.readouterr().out

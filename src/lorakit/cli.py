@@ -209,8 +209,10 @@ def _print_train_summary(report: dict, recipe) -> None:
         gain, base = st.get("gain"), st.get("majority_baseline")
         ci = f" (95% CI {100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, paired)" if gain else ""
         majority = f"; majority class {base['label']!r}: {base['accuracy']:.4f}" if base else ""
-        forms = [f"{test[k]['accuracy']:.4f} ({name})" for k, name in (("before", "base"), ("after", "LoRA"),
-                                                                       ("merged", "merged")) if k in test]
+        k, n = (report.get("checks") or {}).get("merged_examples"), test["after"]["n"]
+        merged = "merged" if k in (None, n) else f"merged, first {k} examples"  # the quick merge check
+        forms = [f"{test[key]['accuracy']:.4f} ({name})" for key, name in (("before", "base"), ("after", "LoRA"),
+                                                                           ("merged", merged)) if key in test]
         gained = f"gain {report['gain_points']:+.1f} points{ci}" if "gain_points" in report else "no base evaluation"
         print(f"test accuracy: {' -> '.join(forms)}, n={test['after']['n']}; {gained}{majority}; "
               f"trainable {report['lora']['trainable_percent']:.3f}% of parameters")

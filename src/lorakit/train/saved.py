@@ -69,14 +69,16 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
     if split not in ("test", "val", "train", "all"):
         raise RecipeError(f"split must be test, val, train or all, got {split!r}")
     recorded_sha = (info or {}).get("data", {}).get("sha256")
-    if recorded_sha is not None and data_mod.spec_sha256(recipe.data) not in (None, recorded_sha):
+    same_data = "data" not in (overrides or {})  # --data FILE: another file, not the training data changed
+    if same_data and recorded_sha is not None and data_mod.spec_sha256(recipe.data) not in (None, recorded_sha):
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
             f"{data_mod.spec_sha256(recipe.data)[:12]}... now)")
     prep = Prepared(recipe, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
     examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
-    log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on {len(examples)} {split} examples")
+    log(f"evaluating {'adapter ' + str(adapter) if adapter else 'the base model'} on "
+        f"{f'all {len(examples)}' if split == 'all' else f'{len(examples)} {split}'} examples")
     metrics, _ = prep.evaluate(prep.model, examples)
     recorded, matches = None, None
     if info is not None and split == "test" and adapter is not None:
