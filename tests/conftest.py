@@ -1,4 +1,4 @@
-"""Session-wide fixtures for tests that use the real models from the registry packages."""
+"""Shared fixtures: the real models from the registry packages, a tiny BERT, torch's thread count."""
 
 from __future__ import annotations
 
@@ -23,3 +23,21 @@ def smollm2_tokenizer(smollm2_folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, as a HF folder."""
+    from helpers import tiny_bert_folder
+
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture
+def restore_threads():
+    """The experiments set torch's thread count (recipe `threads`); leave it as it was for other tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -14,20 +14,8 @@ from lorakit import cli
 from lorakit.experiments.lr_sweep import bootstrap_optima, matched_rank, optimum, tail_mean
 from lorakit.experiments.runner import paired, standard_error
 
-from helpers import tiny_bert_folder
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, as a HF folder."""
-    return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
+pytestmark = pytest.mark.usefixtures("restore_threads")  # the experiments set torch's thread count
 
 
 # ---------------------------------------------------------------------- pure functions

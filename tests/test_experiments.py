@@ -12,16 +12,9 @@ import torch
 from lorakit import cli
 from lorakit.experiments import Arm, Session, paired, standard_error
 
-from helpers import tiny_bert_folder
-
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The experiments set torch's thread count (recipe `threads`); leave it as it was for other tests."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # the experiments set torch's thread count
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +30,6 @@ def tiny_llama(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, as a HF folder."""
-    return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
 
 
 def run_experiment(tmp_path, name, model, *extra):

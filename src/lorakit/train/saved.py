@@ -70,9 +70,10 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
         raise RecipeError(f"split must be test, val, train or all, got {split!r}")
     recorded_sha = (info or {}).get("data", {}).get("sha256")
     same_data = "data" not in (overrides or {})  # --data FILE: another file, not the training data changed
-    if same_data and recorded_sha is not None and data_mod.spec_sha256(recipe.data) not in (None, recorded_sha):
+    current_sha = data_mod.spec_sha256(recipe.data) if same_data and recorded_sha is not None else None
+    if current_sha not in (None, recorded_sha):  # the file is hashed once
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
-            f"{data_mod.spec_sha256(recipe.data)[:12]}... now)")
+            f"{current_sha[:12]}... now)")
     prep = Prepared(recipe, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
