@@ -1,4 +1,4 @@
-"""Shared fixtures: the real models from the registry packages, a tiny BERT, torch's thread count."""
+"""Shared fixtures: the real models from the registry packages, a tiny BERT and Llama, torch's thread count."""
 
 from __future__ import annotations
 
@@ -31,6 +31,22 @@ def tiny_bert(tmp_path_factory):
     from helpers import tiny_bert_folder
 
     return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama (GQA: 4 heads, 2 KV heads, tied head) with SmolLM2's tokenizer, as a HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True))
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

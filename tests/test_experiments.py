@@ -17,21 +17,6 @@ from lorakit.experiments import Arm, Session, paired, standard_error
 pytestmark = pytest.mark.usefixtures("restore_threads")  # the experiments set torch's thread count
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, smollm2_tokenizer):
-    """A 2-layer random Llama (GQA: 4 heads, 2 KV heads) with SmolLM2's tokenizer, as a HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         tie_word_embeddings=True))
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    model.save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def run_experiment(tmp_path, name, model, *extra):
     out, work = tmp_path / "out", tmp_path / "work"
     code = cli.main(["experiment", name, "--quick", "--set", f"model={model}", "--set", "threads=1", "--out", str(out), "--work", str(work), *extra])

@@ -86,3 +86,15 @@ def test_unknown_recipe_and_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(str(listy))
+
+
+def test_a_run_on_ones_own_data_gets_its_own_default_folder():
+    from pathlib import Path
+
+    from lorakit.train.recipe import load_recipe
+
+    assert load_recipe(None, {"data": "my data/reviews.csv"}).out_dir == Path("runs/sentiment-reviews")
+    assert load_recipe("chat", {"data": "a.txt,b.txt", "task": "text"}).out_dir == Path("runs/chat-a")
+    assert load_recipe(None, {"data": "rotten-tomatoes"}).out_dir == Path("runs/sentiment")  # built-in data
+    assert load_recipe("chat", {"data": "faq.jsonl", "out": "x"}).out_dir == Path("x")
+    assert load_recipe(None, {"data": "f.csv", "name": "mine"}).out_dir == Path("runs/mine")

@@ -220,6 +220,26 @@ def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys,
     assert "changed since the run was trained" not in err and "on all 20 examples" in err
 
 
+def test_eval_on_another_file_refuses_labels_the_run_never_learned(finished, tiny, tmp_path, capsys):
+    out, _ = finished
+    rows = [json.loads(line) for line in tiny[1].read_text().splitlines()[:20]]
+    renamed = tmp_path / "renamed.jsonl"  # good/bad instead of positive/negative: the answers would be other words
+    word = {"positive": "good", "negative": "bad"}
+    renamed.write_text("".join(json.dumps({**r, "label": word[r["label"]]}) + "\n" for r in rows))
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(renamed)]) == 2
+    line = _one_error_line(capsys, "eval")
+    assert "'bad', 'good' were not trained" in line and "'negative', 'positive'" in line
+    # a subset of three trained labels (a file needs two): scored, with a warning
+    from lorakit.train.saved import _check_labels
+
+    said = []
+    _check_labels(["a", "b", "c"], ["a", "c"], "f.jsonl", said.append)
+    assert len(said) == 1 and "f.jsonl has no example labelled 'b'" in said[0] and "among 'a', 'c' only" in said[0]
+    _check_labels(["a", "b"], ["b", "a"], "f.jsonl", said.append)  # the same set: nothing to say
+    _check_labels(None, ["x", "y"], "f.jsonl", said.append)  # no record of the trained labels
+    assert len(said) == 1
+
+
 def test_a_classification_head_run_merges_without_its_data(tiny, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -341,6 +361,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(ti
     assert rest.strip().splitlines()[-1] == (f"interrupted after step {state.step}; checkpoint {state.folder}; "
                                              f"continue with: {command}")
     assert f"{signal.Signals(sig).name}: finishing the current step" in err
+    assert "continue with" not in err  # said once, on stdout
 
     assert cli.main(command.split()[1:]) == 0
     a, b = adapter_tensors(full), adapter_tensors(out)

@@ -21,7 +21,7 @@ from .amplification import amplification, amplification_from_svd
 from .analyze import DEFINITIONS, analyze_adapter
 from .errors import AnalysisError, BaseModelError, NoCommonModulesError
 from .intruders import (intruder_correction, intruder_dimensions, mitigate_adapter, mitigate_factors,
-                        mitigate_intruders)
+                        mitigate_intruders, pretrained_basis)
 from .linalg import lowrank_svd
 from .report import make_plots, to_json, to_markdown, write_report
 from .similarity import grassmann_similarity, random_baseline, singular_basis, similarity_summary, subspace_similarity
@@ -33,7 +33,8 @@ __all__ = [
     "spectrum", "spectrum_from_singular_values", "effective_rank", "energy_rank", "lowrank_svd",
     "subspace_similarity", "grassmann_similarity", "singular_basis", "random_baseline", "similarity_summary",
     "amplification", "amplification_from_svd",
-    "intruder_dimensions", "intruder_correction", "mitigate_intruders", "mitigate_factors", "mitigate_adapter",
+    "intruder_dimensions", "intruder_correction", "pretrained_basis", "mitigate_intruders", "mitigate_factors",
+    "mitigate_adapter",
     "to_json", "to_markdown", "write_report", "make_plots",
     "load_factors", "WeightSource", "AdapterFactors", "ModuleFactors",
     "AnalysisError", "NoCommonModulesError", "BaseModelError",

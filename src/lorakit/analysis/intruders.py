@@ -60,12 +60,25 @@ def _pair(W0: Any, W: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return W0_64, W64
 
 
-def _find(W0: torch.Tensor, W: torch.Tensor, top_k: int, eps: float, side: str):
+def pretrained_basis(W0: Any, side: str = "left") -> torch.Tensor:
+    """W0's singular vectors on `side` as orthonormal columns, float64: `U0` `(out, min(out, in))` for
+    `"left"`, `Vh0.T` `(in, min(out, in))` for `"right"`. Pass it as `basis=` to `intruder_correction` to
+    reuse one SVD of the pre-trained weight across several fine-tuned weights. Raises AnalysisError as
+    `intruder_dimensions`."""
+    _check(TOP_K, EPS, side)
+    U0, _, Vh0 = torch.linalg.svd(as_float64(W0, "W0 (pre-trained weight)"), full_matrices=False)
+    return U0 if side == "left" else Vh0.T
+
+
+def _find(W0: torch.Tensor, W: torch.Tensor, top_k: int, eps: float, side: str, basis: torch.Tensor | None = None):
     """`(intruder indices, best |cos| of the top-k, U, S, Vh of W)`, all float64."""
-    U0, _, Vh0 = torch.linalg.svd(W0, full_matrices=False)
+    theirs = pretrained_basis(W0, side) if basis is None else basis
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     k = min(top_k, S.shape[0])
-    mine, theirs = (U[:, :k], U0) if side == "left" else (Vh[:k].T, Vh0.T)
+    mine = U[:, :k] if side == "left" else Vh[:k].T
+    if theirs.shape[0] != mine.shape[0]:
+        raise AnalysisError(f"basis has {theirs.shape[0]} rows, W's {side} singular vectors {mine.shape[0]}: "
+                            "it is not W0's (pretrained_basis(W0, side))")
     best = (mine.T @ theirs).abs().max(dim=1).values  # (k,): unit vectors, so the product is the cosine
     return [int(i) for i in torch.nonzero(best < eps).flatten()], best, U, S, Vh
 
@@ -97,13 +110,16 @@ def intruder_dimensions(W0: Any, W: Any, top_k: int = TOP_K, eps: float = EPS, s
 
 
 def intruder_correction(W0: Any, W: Any, lam: float = 0.75, top_k: int = TOP_K, eps: float = EPS,
-                        side: str = "left") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                        side: str = "left", basis: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The mitigation as a low-rank term: `(C_B (out, m), C_A (m, in), indices)` in float64 with
     `W' = W + C_B @ C_A`, `C_B = (lam - 1) U_I diag(S_I)`, `C_A = Vh_I` (paper §6; m = number of intruders,
-    `I` their indices). Arguments and errors as `intruder_dimensions`; `lam` any real number."""
+    `I` their indices, so `len(indices)` is the intruder count). Arguments and errors as
+    `intruder_dimensions`; `lam` any real number; `basis`: `pretrained_basis(W0, side)`, computed once
+    when one W0 is compared with several W."""
     _check(top_k, eps, side, lam)
     W0_64, W64 = _pair(W0, W)
-    idx, _, U, S, Vh = _find(W0_64, W64, top_k, eps, side)
+    idx, _, U, S, Vh = _find(W0_64, W64, top_k, eps, side, basis)
     return (lam - 1.0) * U[:, idx] * S[idx], Vh[idx].clone(), idx
 
 

@@ -6,6 +6,7 @@
     lorakit experiment variants     [--out DIR] [--loraplus-ratio 16]
     lorakit experiment qlora-parity [--out DIR] [--seeds 0,1,2,3,4] [--qera-rank 8]
     lorakit experiment lr-sweep     [--out DIR] [--full-grid ...] [--lora-grid ...] [--sweep-ranks 1,4,16,64]
+    lorakit experiment forgetting   [--out DIR] [--forget-ranks 4,64] [--forget-lora-grid ...]
     lorakit experiment all          [--out DIR]            # every one, into DIR/<name>/
 
 Common options: `--quick` (2 steps, 32 test examples: a smoke test, not a measurement),
@@ -25,12 +26,14 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..train.flags import recipe_overrides
-from . import full_vs_lora, lr_sweep, qlora_parity, rank_sweep, variants, which_weights
+from . import forgetting, full_vs_lora, lr_sweep, qlora_parity, rank_sweep, variants, which_weights
 from .runner import Session
 
 HELP = ("re-measure the LoRA paper's claims (rank sweep, which weights, full vs LoRA, variants), QLoRA's "
-        "(qlora-parity) and LoRA Without Regret's (lr-sweep) on real runs")
-EXPERIMENTS = {m.NAME: m for m in (rank_sweep, which_weights, full_vs_lora, variants, qlora_parity, lr_sweep)}
+        "(qlora-parity), LoRA Without Regret's (lr-sweep) and LoRA Learns Less and Forgets Less' (forgetting) "
+        "on real runs")
+EXPERIMENTS = {m.NAME: m for m in (rank_sweep, which_weights, full_vs_lora, variants, qlora_parity, lr_sweep,
+                                   forgetting)}
 QUICK = {"steps": 2, "test_size": 32, "val_size": 8, "batch_size": 4, "warmup_steps": 0, "eval_batch_size": 16}
 DEFAULT_WORK = "runs/experiments/work"
 

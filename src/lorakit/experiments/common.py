@@ -74,7 +74,8 @@ def base_results(name: str, command: str, clock: Clock, session: Session, recipe
     return {
         "experiment": name, "command": command, "wall_seconds": wall, "load_average": load,
         "environment": environment(), "recipe": recipe.to_dict(), "data": prep.split_info(), "model": prep.model_info(),
-        "zero_shot": {**metrics, "seconds": seconds, "correct": "".join("1" if c else "0" for c in correct)},
+        "zero_shot": {**metrics, "seconds": seconds,
+                      "correct": None if correct is None else "".join("1" if c else "0" for c in correct)},
         "runs": [r.to_dict() for r in runs],
     }
 

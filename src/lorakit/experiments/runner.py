@@ -99,6 +99,7 @@ class RunResult:
     quantization: dict[str, Any] | None = None  # QLoRA arms: bits per parameter, the QERA correction's report
     error: str | None = None
     model: Any = None  # the trained model when the arm asked to keep it (not serialised)
+    predictions: list | None = None  # per test example: the predicted label, or a loss-scored task's mean loss
 
     @property
     def accuracy(self) -> float | None:
@@ -145,7 +146,8 @@ class Session:
         self.work = Path(work)
         self.log = log
         self._prepared: dict[str, Any] = {}
-        self._zero_shot: dict[str, tuple[dict, list[bool], float]] = {}
+        self._zero_shot: dict[str, tuple[dict, list[bool] | None, float]] = {}
+        self.zero_shot_predictions: dict[str, list] = {}  # by `key(recipe)`: the base model's test predictions
 
     # ------------------------------------------------------------------ recipes
     def recipe(self, base: str, changes: dict[str, Any] | None = None):
@@ -153,21 +155,22 @@ class Session:
 
         return apply(load_recipe(base, self.overrides), changes or {})
 
-    def _key(self, recipe) -> str:
+    def key(self, recipe) -> str:
         d = recipe.to_dict()
         return json.dumps({k: d[k] for k in PREPARED_FIELDS}, sort_keys=True, default=str)
 
     def prepared(self, recipe):
         """The `Prepared` model, tokenizer, task and split for `recipe` (shared by equal keys)."""
 
-        key = self._key(recipe)
+        key = self.key(recipe)
         if key not in self._prepared:
             self._prepared[key] = Prepared(recipe, self.log)
         return self._prepared[key]
 
-    def zero_shot(self, recipe) -> tuple[dict[str, Any], list[bool], float]:
-        """`(test metrics, per-example correctness, seconds)` of the untouched base model."""
-        key = self._key(recipe)
+    def zero_shot(self, recipe) -> tuple[dict[str, Any], list[bool] | None, float]:
+        """`(test metrics, per-example correctness (None for a task without labels), seconds)` of the untouched
+        base model; its predictions are kept in `zero_shot_predictions[key(recipe)]`."""
+        key = self.key(recipe)
         if key not in self._zero_shot:
             prep = self.prepared(recipe)
             test = prep.splits.test
@@ -176,6 +179,7 @@ class Session:
             metrics, preds = prep.evaluate(prep.model, test)
             seconds = time.perf_counter() - t
             self._zero_shot[key] = (metrics, _correct(preds, test), seconds)
+            self.zero_shot_predictions[key] = preds
             self.log(f"zero-shot: {_summary(metrics)} ({seconds:.0f} s)")
         return self._zero_shot[key]
 
@@ -245,8 +249,8 @@ class Session:
 
         t = time.perf_counter()
         test = prep.splits.test
-        res.metrics, preds = prep.evaluate(model, test)
-        res.correct = _correct(preds, test)
+        res.metrics, res.predictions = prep.evaluate(model, test)
+        res.correct = _correct(res.predictions, test)
         res.eval_seconds = time.perf_counter() - t
         if not arm.full_finetune:
             adapter_dir = Path(folder) / _slug(arm.label) / "adapter"
@@ -428,7 +432,10 @@ def _sign_flip_p(differences: list[float]) -> float | None:
 
 
 # ---------------------------------------------------------------------- helpers
-def _correct(preds: list, examples: list[dict]) -> list[bool]:
+def _correct(preds: list, examples: list[dict]) -> list[bool] | None:
+    """Per example, whether the prediction is its label; None for a task without labels (instruct, text)."""
+    if not examples or "label" not in examples[0]:
+        return None
     return [p == e["label"] for p, e in zip(preds, examples)]
 
 

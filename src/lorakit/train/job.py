@@ -197,8 +197,8 @@ def _stages(run: Run, threads: int | None, device) -> dict[str, Any] | None:
         return None  # ranks other than 0: done
     if run.result.last_step < run.recipe.steps:
         how = f"interrupted ({signal.Signals(run.stop.signal).name})" if run.result.interrupted else "stopped"
-        run.log(f"{how} after step {run.result.last_step} of {run.recipe.steps}; checkpoint {run.writer.latest}; "
-                f"continue with: {resume_command(run.out)}")
+        # the returned report carries the checkpoint and the resume command (the CLI prints them once, on stdout)
+        run.log(f"{how} after step {run.result.last_step} of {run.recipe.steps}; checkpoint written")
         return {"stopped_at": run.result.last_step, "checkpoint": str(run.writer.latest), "out": str(run.out),
                 "resume_command": resume_command(run.out),
                 "exit_code": run.stop.exit_code if run.result.interrupted else 0}

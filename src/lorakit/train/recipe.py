@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ class Recipe:
         packing: `instruct` only: pack several examples into each row of `max_length` tokens, each
             attending only to itself (`lorakit.train.packing`); `batch_size` then counts rows, and the
             loss is the mean of the examples' mean losses.
-        out: output folder; default `runs/<name>`.
+        out: output folder; default `runs/<name>` (`load_recipe` names a run whose overrides give a data
+            file but no `name` or `out` `<recipe>-<file stem>`).
     """
 
     name: str = "sentiment"
@@ -370,7 +372,20 @@ def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | No
         data = read_recipe_file(path)
         base = data.pop("preset", "sentiment")
         recipe = apply(preset(str(base)), data)
-    return apply(recipe, overrides or {})
+    return apply(recipe, {**_named_after_data(recipe, overrides or {}), **(overrides or {})})
+
+
+BUILTIN_DATA = ("rotten-tomatoes", "chatterbot", "hamlet")
+
+
+def _named_after_data(recipe: Recipe, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`{"name": "<recipe>-<file stem>"}` when the overrides name a data file but neither `name` nor `out`: a run on
+    one's own data gets its own default folder (`runs/sentiment-reviews`), not the preset's."""
+    data = overrides.get("data")
+    if not isinstance(data, str) or data in BUILTIN_DATA or {"name", "out"} & set(overrides):
+        return {}
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data.split(",")[0].strip().rstrip("/")).stem).strip("-.")
+    return {"name": f"{recipe.name}-{stem}"} if stem else {}
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

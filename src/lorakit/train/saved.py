@@ -14,7 +14,7 @@ from ..fileio import atomic_output_folder
 from ..io import load_adapter, read_adapter
 from ..merge import merge_and_unload
 from . import data as data_mod
-from .errors import RecipeError
+from .errors import DataError, RecipeError
 from .models import load_model, quiet_transformers, resolve_device, resolve_model
 from .outdir import check_writable
 from .prepare import Prepared, lora_config_for, quantize_base, stderr_log
@@ -75,6 +75,7 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
             f"{current_sha[:12]}... now)")
     prep = Prepared(recipe, log)
+    _check_labels((info or {}).get("task", {}).get("labels"), prep.task.describe().get("labels"), recipe.data, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
     examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
@@ -91,6 +92,22 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
                           for k in keys)
     return {"metrics": metrics, "split": split, "recorded": recorded, "matches_recorded": matches,
             "recipe": recipe.to_dict()}
+
+
+def _check_labels(trained: list[str] | None, now: list[str] | None, data: str, log: Callable[[str], None]) -> None:
+    """The evaluation data's labels against the trained run's: the answers (or head rows) are chosen among the
+    data's labels, so a label the run never learned makes the score meaningless (DataError naming it), and a
+    label missing from the data narrows the choice (warning: the accuracy is not comparable)."""
+    if not trained or not now:
+        return
+    unknown = sorted(set(now) - set(trained))
+    if unknown:
+        raise DataError(f"data {data}: label(s) {', '.join(map(repr, unknown))} were not trained; the adapter was "
+                        f"trained on {', '.join(map(repr, trained))}. Relabel the file with those values")
+    missing = sorted(set(trained) - set(now))
+    if missing:
+        log(f"warning: data {data} has no example labelled {', '.join(map(repr, missing))}: the answers are chosen "
+            f"among {', '.join(map(repr, now))} only, so the accuracy is not comparable with the trained run's")
 
 
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Review: a fine film.\nSentiment:")
