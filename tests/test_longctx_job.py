@@ -96,6 +96,10 @@ def test_packing_instruct_rows_report_less_padding(tiny, tmp_path):
     assert pad["rows"] < pad["examples"]
     # a packed step sees more examples: the same 3 steps cover more of the data
     assert packed["training"]["tokens"] > padded["training"]["tokens"]
+    t = packed["training"]
+    assert t["rows_seen"] == 3 * 4 < t["examples_seen"] <= 3 * 4 * pad["examples"] // pad["rows"] + 3 * 4
+    assert padded["training"]["examples_seen"] == 12 and padded["training"]["rows_seen"] is None
+    assert [e["step"] for e in t["evals"]] == [0, 3] and t["evals"][-1]["train_seconds"] == t["train_seconds"]
     assert packed["checks"]["merged_predictions_equal"]
 
 

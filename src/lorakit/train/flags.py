@@ -52,7 +52,7 @@ _RECIPE_FLAGS: list[tuple[str, str, Any, str]] = [
                                       "on every quantized layer (QERA; 0: plain QLoRA; default 8)"),
     ("--calibration-size", "calibration_size", int,
      "training examples that calibrate the --qera-rank correction (default 128)"),
-    ("--out", "out", str, "output folder (default runs/<recipe name>; with --data FILE runs/<recipe name>-<file stem>)"),
+    ("--out", "out", str, "output folder (default runs/<recipe>; with --data FILE runs/<recipe>-<file stem>)"),
 ]
 _LORA_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--r", "r", int, "LoRA rank"),

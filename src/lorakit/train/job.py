@@ -153,6 +153,7 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             last good checkpoint is kept and named).
     """
     t_start = time.perf_counter()
+    recipe = recipe.resolved()  # no lr given: the rule of `recipe.default_lr`, recorded as the run's lr
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise RecipeError(f"stop_after must be a step >= 1, got {stop_after!r}")
     world = dist_mod.world_from_env()
@@ -642,8 +643,12 @@ def _report(run: Run) -> dict[str, Any]:
 
 def _training_summary(run: Run) -> dict[str, Any]:
     recipe, result, evals = run.recipe, run.result, run.result.evals
+    seen = rows = recipe.steps * run.global_micro * recipe.grad_accum
+    if recipe.packing:  # a batch counts rows; the examples are what those rows hold (the same batches, replayed)
+        stream = data_mod.batches(run.prep.train_items, run.global_micro, recipe.seed)
+        seen = sum(sum(map(len, micro)) for micro, _ in zip(stream, range(recipe.steps * recipe.grad_accum)))
     return {
-        "steps": recipe.steps, "examples_seen": recipe.steps * run.global_micro * recipe.grad_accum,
+        "steps": recipe.steps, "examples_seen": seen, "rows_seen": rows if recipe.packing else None,
         "global_batch": run.global_micro * recipe.grad_accum, "processes": run.world_size,
         "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
         "val_loss_before": evals[0].get("loss"), "val_loss_after": evals[-1].get("loss"),

@@ -157,7 +157,7 @@ def _evaluate(evaluate, step: int, result: LoopResult, log: Callable[[str], None
     t = time.perf_counter()
     metrics = evaluate()
     result.eval_seconds += time.perf_counter() - t
-    result.evals.append({"step": step, **metrics})
+    result.evals.append({"step": step, "train_seconds": result.train_seconds, **metrics})  # time to reach a loss
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     if isinstance(metrics.get("accuracy"), float) and metrics.get("n"):  # a small validation split is uncertain
         n = int(metrics["n"])

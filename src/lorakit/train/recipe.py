@@ -127,7 +127,7 @@ class Recipe:
     split_seed: int = 0
     lora: dict[str, Any] = field(
         default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
-    lr: float = 2e-3
+    lr: float | None = None  # None: `default_lr(lora)`, resolved by `resolved()` when a job or experiment starts
     weight_decay: float = 0.0
     warmup_steps: int = 4
     schedule: str = "cosine"
@@ -201,9 +201,11 @@ class Recipe:
             _int("save_every", self.save_every, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip", "loraplus_ratio"):
             value = getattr(self, name)
+            if name == "lr" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise RecipeError(f"recipe field {name!r} must be a number >= 0, got {value!r}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise RecipeError(f"recipe field 'lr' must be > 0, got {self.lr!r}")
         if self.label_words is not None:
             if not isinstance(self.label_words, dict) or not all(
@@ -254,6 +256,10 @@ class Recipe:
         """Steps between checkpoints: `save_every`, or `ceil(steps / 10)` when unset; 0: none."""
         return self.save_every if self.save_every is not None else max(1, math.ceil(self.steps / 10))
 
+    def resolved(self) -> "Recipe":
+        """This recipe with `lr` filled in by `default_lr(lora)` when it is None (else itself)."""
+        return self if self.lr is not None else dataclasses.replace(self, lr=default_lr(self.lora))
+
     @property
     def out_dir(self) -> Path:
         """The output folder: `out`, or `runs/<name>`."""
@@ -265,6 +271,31 @@ class Recipe:
     def replace(self, **changes: Any) -> "Recipe":
         """A validated copy with some fields changed (`lora` entries are merged, not replaced)."""
         return apply(self, changes)
+
+
+# ---------------------------------------------------------------------- the default learning rate
+# LoRA's best AdamW learning rate at alpha = 32 on the built-in recipes: `lorakit experiment lr-sweep`
+# (docs/experiments/lr-sweep/report.md) found it at 1e-3 for every rank from 1 to 64, all-linear, at 10x full
+# fine-tuning's (LoRA Without Regret, Schulman et al. 2025, reported the same rank independence and ratio).
+LR_AT_ALPHA_32 = 1e-3
+
+
+def default_lr(lora: dict[str, Any]) -> float:
+    """The learning rate a recipe without `lr` trains with: `LR_AT_ALPHA_32 * 32 / (r * scaling)`.
+
+    With Adam and `lora_B` starting at zero, the update of `scaling * B @ A` in the first steps is
+    proportional to `lr * scaling`, so two configurations with equal `lr * scaling * r` train alike early on
+    (LoRA Without Regret, section "Why 1/r scaling makes the optimal LR approximately rank-independent").
+    At alpha = 32 (scaling 32 / r) the measured optimum is `LR_AT_ALPHA_32` for every rank, hence:
+    plain LoRA `lr = 0.032 / alpha` whatever `r` (alpha 16: 2e-3); rsLoRA (`alpha / sqrt(r)`)
+    `lr = 0.032 / (alpha * sqrt(r))`. Target choice: attention-only LoRA measured the same optimum in the sweep,
+    so the rule does not depend on the target modules. Args: `lora`, the recipe's LoraConfig arguments (`r`,
+    `alpha`, `use_rslora`; LoraConfig's defaults 8, 8, False where absent). Returns the rate per step (> 0).
+    """
+    r = float(lora.get("r", 8))
+    alpha = float(lora.get("alpha", 8))
+    scaling = alpha / (math.sqrt(r) if lora.get("use_rslora") else r)
+    return LR_AT_ALPHA_32 * 32 / (r * scaling)
 
 
 # ---------------------------------------------------------------------- presets
