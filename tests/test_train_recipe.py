@@ -98,3 +98,36 @@ def test_a_run_on_ones_own_data_gets_its_own_default_folder():
     assert load_recipe(None, {"data": "rotten-tomatoes"}).out_dir == Path("runs/sentiment")  # built-in data
     assert load_recipe("chat", {"data": "faq.jsonl", "out": "x"}).out_dir == Path("x")
     assert load_recipe(None, {"data": "f.csv", "name": "mine"}).out_dir == Path("runs/mine")
+
+
+def test_the_lr_rule_and_a_presets_lr_rescaled_for_a_changed_lora_shape():
+    """issue 20: lr x scaling x r fixed (alpha fixed: rank-independent), x2.5 for attention-only targets."""
+    from lorakit.train.recipe import LR_AT_ALPHA_32, attention_only, default_lr, load_recipe
+
+    assert default_lr({"r": 16, "alpha": 32, "target_modules": "all-linear"}) == pytest.approx(LR_AT_ALPHA_32)
+    assert default_lr({"r": 1, "alpha": 32}) == default_lr({"r": 64, "alpha": 32}) == pytest.approx(LR_AT_ALPHA_32)
+    assert default_lr({"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}) == pytest.approx(
+        2 * 2.5 * LR_AT_ALPHA_32)
+    assert default_lr({"r": 16, "alpha": 32, "use_rslora": True}) == pytest.approx(LR_AT_ALPHA_32 / 4)
+    assert attention_only(["query", "value"]) and attention_only(["model.layers.0.self_attn.o_proj"])
+    assert not attention_only(["q_proj", "down_proj"]) and not attention_only("all-linear")
+    assert not attention_only(r".*q_proj") and not attention_only([])
+
+    said = []
+    assert load_recipe(None, {}, log=said.append).lr == 2e-3 and not said  # the preset as it is
+    assert load_recipe(None, {"lora": {"r": 64}}, log=said.append).lr == 2e-3 and not said  # alpha fixed
+    assert load_recipe(None, {"lora": {"alpha": 32}}, log=said.append).lr == pytest.approx(1e-3)
+    assert load_recipe(None, {"lora": {"target_modules": "all-linear"}}).lr == pytest.approx(2e-3 / 2.5)
+    assert len(said) == 1 and "lr 0.001: the 'sentiment' recipe's 0.002 rescaled" in said[0]
+    assert load_recipe(None, {"lora": {"alpha": 32}, "lr": 5e-3}).lr == 5e-3  # a given lr wins
+    assert load_recipe("chat", {"lora": {"alpha": 32}}).lr == pytest.approx(5e-4)
+
+
+def test_a_recipe_files_lr_wins_over_the_rule(tmp_path):
+    from lorakit.train.recipe import load_recipe
+
+    f = tmp_path / "r.yaml"
+    f.write_text("lora:\n  alpha: 64\nlr: 0.003\n")
+    assert load_recipe(f).lr == 0.003
+    f.write_text("lora:\n  alpha: 64\n")
+    assert load_recipe(f).lr == pytest.approx(5e-4)

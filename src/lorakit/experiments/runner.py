@@ -153,7 +153,7 @@ class Session:
     def recipe(self, base: str, changes: dict[str, Any] | None = None):
         """`base` (a preset or recipe file) < the session's overrides < `changes`."""
 
-        return apply(load_recipe(base, self.overrides), changes or {}).resolved()
+        return apply(load_recipe(base, self.overrides), changes or {})
 
     def key(self, recipe) -> str:
         d = recipe.to_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .errors import RecipeError
@@ -152,5 +153,6 @@ def recipe_source(args: argparse.Namespace) -> str | None:
 
 
 def resolve_recipe(args: argparse.Namespace):
-    """The recipe the flags describe."""
-    return load_recipe(recipe_source(args), recipe_overrides(args))
+    """The recipe the flags describe (a rescaled default learning rate is said on stderr)."""
+    return load_recipe(recipe_source(args), recipe_overrides(args),
+                       log=lambda msg: print(f"[lorakit] {msg}", file=sys.stderr, flush=True))

@@ -153,7 +153,6 @@ def run_train(recipe: Recipe, log: Callable[[str], None] = stderr_log, *, resume
             last good checkpoint is kept and named).
     """
     t_start = time.perf_counter()
-    recipe = recipe.resolved()  # no lr given: the rule of `recipe.default_lr`, recorded as the run's lr
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise RecipeError(f"stop_after must be a step >= 1, got {stop_after!r}")
     world = dist_mod.world_from_env()

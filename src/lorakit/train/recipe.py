@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import RecipeError, RecipeFileNotFound
 from ..variants.pissa import is_weight_init
@@ -127,7 +127,7 @@ class Recipe:
     split_seed: int = 0
     lora: dict[str, Any] = field(
         default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
-    lr: float | None = None  # None: `default_lr(lora)`, resolved by `resolved()` when a job or experiment starts
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 4
     schedule: str = "cosine"
@@ -201,11 +201,9 @@ class Recipe:
             _int("save_every", self.save_every, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip", "loraplus_ratio"):
             value = getattr(self, name)
-            if name == "lr" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise RecipeError(f"recipe field {name!r} must be a number >= 0, got {value!r}")
-        if self.lr is not None and self.lr <= 0:
+        if self.lr <= 0:
             raise RecipeError(f"recipe field 'lr' must be > 0, got {self.lr!r}")
         if self.label_words is not None:
             if not isinstance(self.label_words, dict) or not all(
@@ -256,10 +254,6 @@ class Recipe:
         """Steps between checkpoints: `save_every`, or `ceil(steps / 10)` when unset; 0: none."""
         return self.save_every if self.save_every is not None else max(1, math.ceil(self.steps / 10))
 
-    def resolved(self) -> "Recipe":
-        """This recipe with `lr` filled in by `default_lr(lora)` when it is None (else itself)."""
-        return self if self.lr is not None else dataclasses.replace(self, lr=default_lr(self.lora))
-
     @property
     def out_dir(self) -> Path:
         """The output folder: `out`, or `runs/<name>`."""
@@ -274,28 +268,41 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------- the default learning rate
-# LoRA's best AdamW learning rate at alpha = 32 on the built-in recipes: `lorakit experiment lr-sweep`
-# (docs/experiments/lr-sweep/report.md) found it at 1e-3 for every rank from 1 to 64, all-linear, at 10x full
-# fine-tuning's (LoRA Without Regret, Schulman et al. 2025, reported the same rank independence and ratio).
-LR_AT_ALPHA_32 = 1e-3
+# LoRA's best AdamW learning rate at alpha = 32 (all-linear), measured by `lorakit experiment lr-sweep` on all-MiniLM-L6-v2
+# (docs/experiments/lr-sweep/report.md, 100 steps): all-linear, 7.3e-4 to 9.0e-4 for every rank from 1 to 64
+# (6x full fine-tuning's 1.3e-4); attention projections only, at the same parameter count, 2.0e-3.
+LR_AT_ALPHA_32 = 8e-4
+ATTENTION_ONLY_FACTOR = 2.5
+_ATTENTION = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|qkv_proj|out_proj|Wqkv|"
+                        r"attention\.output\.dense)$")
+
+
+def attention_only(target_modules: Any) -> bool:
+    """Whether a `target_modules` list names attention projections only (q/k/v/o and their BERT, GPT-2 and
+    fused names); a regex, `all-linear` or `all` counts as not."""
+    return (isinstance(target_modules, (list, tuple)) and bool(target_modules)
+            and all(isinstance(t, str) and _ATTENTION.search(t) for t in target_modules))
 
 
 def default_lr(lora: dict[str, Any]) -> float:
-    """The learning rate a recipe without `lr` trains with: `LR_AT_ALPHA_32 * 32 / (r * scaling)`.
+    """The best learning rate the lr-sweep predicts for a LoRA shape: `LR_AT_ALPHA_32 * 32 / (r * scaling)`,
+    times `ATTENTION_ONLY_FACTOR` when only attention projections are adapted. `load_recipe` uses the ratio
+    between two shapes to rescale a preset's tuned `lr` when the user changes the shape but not `lr`.
 
-    With Adam and `lora_B` starting at zero, the update of `scaling * B @ A` in the first steps is
-    proportional to `lr * scaling`, so two configurations with equal `lr * scaling * r` train alike early on
-    (LoRA Without Regret, section "Why 1/r scaling makes the optimal LR approximately rank-independent").
-    At alpha = 32 (scaling 32 / r) the measured optimum is `LR_AT_ALPHA_32` for every rank, hence:
-    plain LoRA `lr = 0.032 / alpha` whatever `r` (alpha 16: 2e-3); rsLoRA (`alpha / sqrt(r)`)
-    `lr = 0.032 / (alpha * sqrt(r))`. Target choice: attention-only LoRA measured the same optimum in the sweep,
-    so the rule does not depend on the target modules. Args: `lora`, the recipe's LoraConfig arguments (`r`,
-    `alpha`, `use_rslora`; LoraConfig's defaults 8, 8, False where absent). Returns the rate per step (> 0).
+    With Adam and `lora_B` starting at zero, the first steps change `scaling * B @ A` in proportion to
+    `lr * scaling`, and at alpha = 32 (scaling 32 / r) the sweep's optimum hardly depends on the rank (spread
+    1.24x over r = 1..64; LoRA Without Regret, Schulman et al. 2025, "Optimal learning rate"), so `lr * scaling *
+    r` is what to hold fixed: plain LoRA `lr = 0.0256 / alpha` whatever `r`, rsLoRA (`alpha / sqrt(r)`)
+    `0.0256 / (alpha * sqrt(r))`. Attention-only LoRA's optimum was 2.5x all-linear's (the SmolLM2 presets,
+    tuned by hand, agree: q_proj + v_proj at 2e-3, all-linear at 1e-3, both alpha 16).
+    Args: `lora`, LoraConfig arguments (`r`, `alpha`, `use_rslora`, `target_modules`; LoraConfig's defaults
+    r = alpha = 8 where absent). Returns the rate per step (> 0). Measured on one encoder and task, 100 steps.
     """
     r = float(lora.get("r", 8))
     alpha = float(lora.get("alpha", 8))
     scaling = alpha / (math.sqrt(r) if lora.get("use_rslora") else r)
-    return LR_AT_ALPHA_32 * 32 / (r * scaling)
+    factor = ATTENTION_ONLY_FACTOR if attention_only(lora.get("target_modules")) else 1.0
+    return LR_AT_ALPHA_32 * 32 / (r * scaling) * factor
 
 
 # ---------------------------------------------------------------------- presets
@@ -386,24 +393,39 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                log: Callable[[str], None] | None = None) -> Recipe:
     """Resolve a recipe: a preset name or a file (default: the `sentiment` preset), then `overrides`.
 
-    A file may name the preset it starts from with `preset: NAME` (default `sentiment`).
+    A file may name the preset it starts from with `preset: NAME` (default `sentiment`). When the file
+    and the overrides change the LoRA shape (`r`, `alpha`, `use_rslora`, `target_modules`) but give no
+    `lr`, the preset's `lr` is rescaled by `default_lr` (new shape / preset's shape), and `log` (if any)
+    says so.
     """
+    data: dict[str, Any] = {}
     if source is None:
-        recipe = preset("sentiment")
+        base = preset("sentiment")
     elif str(source) in PRESETS:
-        recipe = preset(str(source))
+        base = preset(str(source))
     else:
         path = Path(source)
         if path.suffix.lower() not in (".yaml", ".yml", ".toml", ".json") and not path.exists():
             raise RecipeError(f"unknown recipe {str(source)!r}; built-in recipes: {', '.join(PRESETS)} (or pass a "
                               ".yaml/.toml/.json file)")
         data = read_recipe_file(path)
-        base = data.pop("preset", "sentiment")
-        recipe = apply(preset(str(base)), data)
-    return apply(recipe, {**_named_after_data(recipe, overrides or {}), **(overrides or {})})
+        base = preset(str(data.pop("preset", "sentiment")))
+    overrides = overrides or {}
+    recipe = apply(base, data)
+    recipe = apply(recipe, {**_named_after_data(recipe, overrides), **overrides})
+    if "lr" in data or "lr" in overrides:
+        return recipe
+    lr = base.lr * default_lr(recipe.lora) / default_lr(base.lora)
+    if not math.isclose(lr, base.lr, rel_tol=1e-9):
+        if log is not None:
+            log(f"lr {lr:.3g}: the {base.name!r} recipe's {base.lr:g} rescaled for this LoRA shape by the measured "
+                "rule (lr x scaling x r fixed; x2.5 for attention-only targets; docs/training.md); --lr sets it")
+        recipe = apply(recipe, {"lr": lr})
+    return recipe
 
 
 BUILTIN_DATA = ("rotten-tomatoes", "chatterbot", "hamlet")
