@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOL
 	-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF \
 	$(if $(filter x86_64,$(shell uname -m)),-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
 
-.PHONY: demo test venv llama-cpp bench clean
+.PHONY: demo test venv llama-cpp bench clean gpu-prep gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -47,3 +47,16 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# A lent GPU machine (the `device` tool) has python3 with torch + CUDA, transformers and peft, no internet, and no
+# bitsandbytes: `make gpu-prep` (here) copies bitsandbytes' Python files and its CUDA 13 library into .gpu/site
+# (about 5 MB, git-ignored); then one device call runs `make gpu-check` with carry [".gpu"] (scripts/gpu_check.sh).
+gpu-prep: venv
+	rm -rf .gpu/site && mkdir -p .gpu/site
+	cp -r "$$($(PY) -c 'import bitsandbytes, os; print(os.path.dirname(bitsandbytes.__file__))')" .gpu/site/
+	find .gpu/site/bitsandbytes -name 'libbitsandbytes_*' ! -name '*cuda130*' ! -name '*_cpu*' -delete
+	du -sh .gpu/site
+
+gpu-check:
+	sh scripts/gpu_check.sh
+

@@ -44,7 +44,7 @@ TITLE = "Learning vs forgetting: LoRA and full fine-tuning (LoRA Learns Less and
 DEFAULT_FULL_LRS = "1e-5,3e-5,1e-4"
 DEFAULT_LORA_LRS = "3e-4,2e-3"
 DEFAULT_RANKS = "4,64"
-DEFAULT_STEPS = 40  # the recipe's 60 x 8 for 9 runs, their evaluations and SVDs would not fit in 30 minutes on 2 cores
+DEFAULT_STEPS = 40  # the recipe's 60 x 8 for 7 runs plus their evaluations and SVDs: over 30 minutes on 2 cores
 DEFAULT_TEST_SIZE = 100
 FULL = "full FT"
 
