@@ -268,7 +268,7 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------- the default learning rate
-# LoRA's best AdamW learning rate at alpha = 32 (all-linear), measured by `lorakit experiment lr-sweep` on all-MiniLM-L6-v2
+# LoRA's best AdamW learning rate at alpha = 32, measured by `lorakit experiment lr-sweep` on all-MiniLM-L6-v2
 # (docs/experiments/lr-sweep/report.md, 100 steps): all-linear, 7.3e-4 to 9.0e-4 for every rank from 1 to 64
 # (6x full fine-tuning's 1.3e-4); attention projections only, at the same parameter count, 2.0e-3.
 LR_AT_ALPHA_32 = 8e-4
