@@ -104,7 +104,7 @@ class Recipe:
             (non-reentrant, `lorakit.train.memory`); the values and gradients are the same.
         packing: `instruct` only: pack several examples into each row of `max_length` tokens, each
             attending only to itself (`lorakit.train.packing`); `batch_size` then counts rows, and the
-            loss is the mean of the examples' mean losses.
+            loss is the mean over the supervised tokens, as in the padded path (the same objective).
         out: output folder; default `runs/<name>` (`load_recipe` names a run whose overrides give a data
             file but no `name` or `out` `<recipe>-<file stem>`).
     """
