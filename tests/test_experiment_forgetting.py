@@ -99,7 +99,7 @@ def test_forgetting_quick(tmp_path, tiny_llama):
     out, work = tmp_path / "out", tmp_path / "work"
     code = cli.main(["experiment", "forgetting", "--quick", "--set", f"model={tiny_llama}", "--set", "threads=1",
                      "--forget-full-grid", "1e-3", "--forget-lora-grid", "1e-3,3e-2", "--forget-ranks", "2",
-                     "--general-blocks", "3", "--general-length", "32", "--mitigate-lambda", "0",
+                     "--general-blocks", "3", "--general-length", "32", "--mitigate-lambda", "0", "--intruders",
                      "--out", str(out), "--work", str(work)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -129,7 +129,19 @@ def test_forgetting_quick(tmp_path, tiny_llama):
 
 
 def test_forgetting_refuses_bad_options(tmp_path, capsys):
-    for extra in (["--forget-ranks", "0"], ["--mitigate-lambda", "-1"], ["--forget-lora-grid", "x"]):
+    for extra in (["--forget-ranks", "0"], ["--mitigate-lambda", "-1"], ["--forget-lora-grid", "x"],
+                  ["--forget-lora-grid", "inf"], ["--lora-alpha", "0"]):
         code = cli.main(["experiment", "forgetting", "--quick", "--out", str(tmp_path), *extra])
         assert code == 2, extra
         assert extra[0] in capsys.readouterr().err
+
+
+def test_forgetting_refuses_a_general_text_shorter_than_a_block(tmp_path, tiny_llama, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    code = cli.main(["experiment", "forgetting", "--quick", "--set", f"model={tiny_llama}", "--set", "threads=1",
+                     "--general-text", str(short), "--general-length", "64", "--out", str(tmp_path / "o"),
+                     "--work", str(tmp_path / "w")])
+    assert code == 2
+    assert "fewer than one block of --general-length 64" in capsys.readouterr().err
+

@@ -32,7 +32,7 @@ from ..merge import merge_and_unload
 from ..train.tasks import IGNORE
 from ..train.text import TextTask, text_dataset, text_paths
 from .common import Clock, base_results, work_folder
-from .lr_sweep import _numbers
+from .lr_sweep import _numbers, lora_alpha
 from .report import colors, figure, header, md_table, num, save, setup_text, write
 from .runner import Arm, RunResult, Session
 
@@ -68,7 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scale of the intruder directions in the mitigated LoRA models (default %(default)s, PEFT's; "
                         "1: no mitigation runs)")
     p.add_argument("--no-intruders", action="store_true",
-                   help="skip the intruder dimensions and the mitigation (saves their SVDs)")
+                   help="skip the intruder dimensions and the mitigation (saves their SVDs: on SmolLM2 about a "
+                        "minute per run)")
+    p.add_argument("--intruders", action="store_true",
+                   help="count intruders with --quick too (which skips them by default)")
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -147,7 +150,7 @@ def plan(session: Session, args: argparse.Namespace) -> dict[str, list[Arm]]:
     curves = {FULL: [Arm(f"{FULL}, lr {lr:g}", {**common, "lr": lr}, full_finetune=True, keep_model=True)
                      for lr in full_lrs]}
     for r in ranks:
-        lora = {"r": r, "alpha": getattr(args, "lora_alpha", 32.0), "target_modules": "all-linear"}
+        lora = {"r": r, "alpha": lora_alpha(args), "target_modules": "all-linear"}
         curves[f"LoRA r={r}"] = [Arm(f"LoRA r={r}, lr {lr:g}", {**common, "lr": lr, "lora": lora}, keep_model=True)
                                  for lr in lora_lrs]
     return curves
@@ -156,11 +159,17 @@ def plan(session: Session, args: argparse.Namespace) -> dict[str, list[Arm]]:
 class General:
     """The general text of the forgetting measure: evenly spaced full blocks, their token counts, the base's scores."""
 
-    def __init__(self, prep, spec: str, blocks: int, length: int):
+    def __init__(self, prep, spec: str, blocks: int, length: int, log=lambda msg: None):
         if blocks < 1 or length < 16:
             raise UsageError(f"--general-blocks must be >= 1 and --general-length >= 16, got {blocks}, {length}")
         every = text_dataset(text_paths(spec), prep.tokenizer, length, name=spec).examples
-        whole = [b for b in every if len(b["input_ids"]) == length] or every
+        whole = [b for b in every if len(b["input_ids"]) == length]
+        if not whole:
+            raise UsageError(f"--general-text {spec}: {sum(len(b['input_ids']) for b in every)} tokens, fewer than "
+                             f"one block of --general-length {length}; give a longer text or a smaller length")
+        if len(whole) < blocks:
+            log(f"note: --general-text {spec} has {len(whole)} whole blocks of {length} tokens, fewer than the "
+                     f"{blocks} asked for: all of them are scored")
         self.blocks = [whole[i] for i in evenly_spaced(len(whole), blocks)]
         self.counts = label_counts(self.blocks)
         self.spec, self.length, self.available = spec, length, len(whole)
@@ -253,10 +262,15 @@ def run(session: Session, args: argparse.Namespace, out: Path, command: str) -> 
     if prep.recipe.task != "instruct" or prep.task.model_kind != "causal-lm":
         raise UsageError(f"forgetting needs a causal LM on an instruct task, got task {prep.recipe.task!r}")
     general = General(prep, getattr(args, "general_text", "hamlet"), getattr(args, "general_blocks", 24),
-                      getattr(args, "general_length", 256))
+                      getattr(args, "general_length", 256), session.log)
     session.log(f"general text: base loss {general.base_metrics['loss']:.4f} on {len(general.blocks)} blocks")
     zero = session.zero_shot(recipe)
-    scorer = Scorer(session, recipe, general, lam, not getattr(args, "no_intruders", False))
+    intruders = not getattr(args, "no_intruders", False)
+    if getattr(args, "quick", False) and not getattr(args, "intruders", False) and intruders:
+        session.log("--quick: intruder dimensions skipped (every adapted matrix's SVD per run; --intruders counts "
+                    "them)")
+        intruders = False
+    scorer = Scorer(session, recipe, general, lam, intruders)
     work = work_folder(session, NAME)
     runs, points = [], []
     for name, arms in curves.items():
@@ -386,6 +400,9 @@ def _equal_section(a: dict) -> list[str]:
                      ("more" if label in a["lora_forgets_more_at_equal_learning"] else "within 2 SE")])
     lines = ["## At equal learning", "", md_table(["LoRA run", "learning", "full FT interpolated between",
                                                    "forgetting, LoRA - full FT", "LoRA forgets"], rows)]
+    if len(full) < 2:
+        lines += ["", "Full fine-tuning ran at fewer than two learning rates: there is no curve to compare with "
+                  "(give `--forget-full-grid` two or more rates)."]
     best = a["best"]
     lines += ["", "Full fine-tuning's forgetting at LoRA's learning: linear between the two full fine-tuning runs "
               "whose learning brackets it, block by block, so the difference is paired over the same blocks (the "

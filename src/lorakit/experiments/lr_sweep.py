@@ -71,9 +71,17 @@ def _numbers(text: str, flag: str, kind=float) -> list:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
-        raise UsageError(f"{flag} must be distinct numbers > 0, got {text!r}")
+    if not values or any(not 0 < v < math.inf for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"{flag} must be distinct finite numbers > 0, got {text!r}")
     return sorted(values)
+
+
+def lora_alpha(args: argparse.Namespace) -> float:
+    """`--lora-alpha`, checked before any run: a finite number > 0 (UsageError otherwise)."""
+    alpha = getattr(args, "lora_alpha", 32.0)
+    if not 0 < alpha < math.inf:
+        raise UsageError(f"--lora-alpha must be a finite number > 0, got {alpha}")
+    return alpha
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -198,7 +206,7 @@ def plan(session: Session, args: argparse.Namespace) -> tuple[dict[str, list[Arm
     common: dict[str, Any] = {}
     if "steps" not in session.overrides:
         common["steps"] = DEFAULT_STEPS
-    alpha = getattr(args, "lora_alpha", 32.0)
+    alpha = lora_alpha(args)
     all_linear = {"target_modules": "all-linear", "alpha": alpha}
     curves = {FULL: [Arm(f"{FULL}, lr {lr:g}", {**common, "lr": lr}, full_finetune=True) for lr in full_lrs]}
     for r in ranks:
