@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .report import environment
 from .runner import RunResult, Session, load_average
 
@@ -82,3 +85,24 @@ def base_results(name: str, command: str, clock: Clock, session: Session, recipe
 
 def work_folder(session: Session, name: str) -> Path:
     return session.work / name
+
+
+# ---------------------------------------------------------------------- options shared by experiments
+def number_list(text: str, flag: str, kind=float) -> list:
+    """A comma-separated option (`--lora-grid 1e-4,3e-4`) as sorted distinct finite numbers > 0 of `kind`;
+    UsageError naming `flag` otherwise."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v < math.inf for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"{flag} must be distinct finite numbers > 0, got {text!r}")
+    return sorted(values)
+
+
+def lora_alpha(args: argparse.Namespace) -> float:
+    """`--lora-alpha`, checked before any run: a finite number > 0 (UsageError otherwise)."""
+    alpha = getattr(args, "lora_alpha", 32.0)
+    if not 0 < alpha < math.inf:
+        raise UsageError(f"--lora-alpha must be a finite number > 0, got {alpha}")
+    return alpha

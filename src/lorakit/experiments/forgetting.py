@@ -31,8 +31,7 @@ from ..analysis.intruders import EPS, TOP_K, intruder_correction, pretrained_bas
 from ..merge import merge_and_unload
 from ..train.tasks import IGNORE
 from ..train.text import TextTask, text_dataset, text_paths
-from .common import Clock, base_results, work_folder
-from .lr_sweep import _numbers, lora_alpha
+from .common import Clock, base_results, lora_alpha, number_list, work_folder
 from .report import colors, figure, header, md_table, num, save, setup_text, write
 from .runner import Arm, RunResult, Session
 
@@ -143,9 +142,9 @@ def label_counts(items: list[tuple[list[int], list[int]]] | list[dict[str, Any]]
 # ---------------------------------------------------------------------- the runs
 def plan(session: Session, args: argparse.Namespace) -> dict[str, list[Arm]]:
     """`{curve name: [Arm per learning rate]}`: full fine-tuning, then all-linear LoRA per rank (one alpha)."""
-    full_lrs = _numbers(getattr(args, "forget_full_grid", DEFAULT_FULL_LRS), "--forget-full-grid")
-    lora_lrs = _numbers(getattr(args, "forget_lora_grid", DEFAULT_LORA_LRS), "--forget-lora-grid")
-    ranks = _numbers(getattr(args, "forget_ranks", DEFAULT_RANKS), "--forget-ranks", int)
+    full_lrs = number_list(getattr(args, "forget_full_grid", DEFAULT_FULL_LRS), "--forget-full-grid")
+    lora_lrs = number_list(getattr(args, "forget_lora_grid", DEFAULT_LORA_LRS), "--forget-lora-grid")
+    ranks = number_list(getattr(args, "forget_ranks", DEFAULT_RANKS), "--forget-ranks", int)
     common: dict[str, Any] = {} if "steps" in session.overrides else {"steps": DEFAULT_STEPS}
     curves = {FULL: [Arm(f"{FULL}, lr {lr:g}", {**common, "lr": lr}, full_finetune=True, keep_model=True)
                      for lr in full_lrs]}
@@ -169,7 +168,7 @@ class General:
                              f"one block of --general-length {length}; give a longer text or a smaller length")
         if len(whole) < blocks:
             log(f"note: --general-text {spec} has {len(whole)} whole blocks of {length} tokens, fewer than the "
-                     f"{blocks} asked for: all of them are scored")
+                f"{blocks} asked for: all of them are scored")
         self.blocks = [whole[i] for i in evenly_spaced(len(whole), blocks)]
         self.counts = label_counts(self.blocks)
         self.spec, self.length, self.available = spec, length, len(whole)
@@ -204,14 +203,14 @@ class Scorer:
         self.W0 = linear_weights(self.prep.model)
         self.bases: dict[str, torch.Tensor] = {}
 
-    def _measure(self, model, predictions=None) -> dict[str, Any]:
-        if predictions is None:
-            _, predictions = self.prep.evaluate(model, self.prep.splits.test)
+    def _measure(self, model, test: tuple[dict, list] | None = None) -> dict[str, Any]:
+        """Scores of `model`; `test`: its `(metrics, per-example losses)` on the test split if already evaluated."""
+        metrics, predictions = test if test is not None else self.prep.evaluate(model, self.prep.splits.test)
         learn = paired_difference(self.base_test, predictions, self.test_counts)
         general, items = self.general.evaluate(model)
         forget = paired_difference(self.general.base_items, items, self.general.counts)
-        return {"test_loss": float(sum(c * x for c, x in zip(self.test_counts, predictions)) / sum(self.test_counts)),
-                "general_loss": general["loss"], "learning": -learn["delta"], "learning_se": learn["se"],
+        return {"test_loss": metrics["loss"], "general_loss": general["loss"],
+                "learning": -learn["delta"], "learning_se": learn["se"],
                 "forgetting": forget["delta"], "forgetting_se": forget["se"],
                 "forgetting_items": [a - b for a, b in zip(items, self.general.base_items)],
                 "counts": self.general.counts}
@@ -223,7 +222,7 @@ class Scorer:
         if run.error:
             return point
         model, run.model = run.model, None
-        point.update(self._measure(model, run.predictions))
+        point.update(self._measure(model, (run.metrics, run.predictions)))
         if self.intruders:
             merged = model if run.method == "full" else merge_and_unload(model)
             mitigate = run.method != "full" and self.lam != 1.0

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..inject import inject
 from ..merge import count_parameters
 from ..train.prepare import lora_config_for
-from .common import Clock, base_results, work_folder
+from .common import Clock, base_results, lora_alpha, number_list, work_folder
 from .report import (PAIRED_NOTE, accuracy_cell, colors, figure, header, md_table, num, paired_cell, plot_accuracy,
                      save, setup_text, write)
 from .runner import Arm, RunResult, Session
@@ -64,24 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="curve value: mean training loss of the last N steps (default %(default)s)")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="bootstrap replicates for the optima's intervals (default %(default)s)")
-
-
-def _numbers(text: str, flag: str, kind=float) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 < v < math.inf for v in values) or len(set(values)) != len(values):
-        raise UsageError(f"{flag} must be distinct finite numbers > 0, got {text!r}")
-    return sorted(values)
-
-
-def lora_alpha(args: argparse.Namespace) -> float:
-    """`--lora-alpha`, checked before any run: a finite number > 0 (UsageError otherwise)."""
-    alpha = getattr(args, "lora_alpha", 32.0)
-    if not 0 < alpha < math.inf:
-        raise UsageError(f"--lora-alpha must be a finite number > 0, got {alpha}")
-    return alpha
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -197,9 +179,9 @@ def _per_rank(session: Session, common: dict[str, Any], lora: dict[str, Any]) ->
 
 def plan(session: Session, args: argparse.Namespace) -> tuple[dict[str, list[Arm]], dict[str, Any]]:
     """The arms of every curve (`{curve name: [Arm per lr]}`) and the parameter matching."""
-    full_lrs = _numbers(getattr(args, "full_grid", DEFAULT_FULL_LRS), "--full-grid")
-    lora_lrs = _numbers(getattr(args, "lora_grid", DEFAULT_LORA_LRS), "--lora-grid")
-    ranks = _numbers(getattr(args, "sweep_ranks", DEFAULT_RANKS), "--sweep-ranks", int)
+    full_lrs = number_list(getattr(args, "full_grid", DEFAULT_FULL_LRS), "--full-grid")
+    lora_lrs = number_list(getattr(args, "lora_grid", DEFAULT_LORA_LRS), "--lora-grid")
+    ranks = number_list(getattr(args, "sweep_ranks", DEFAULT_RANKS), "--sweep-ranks", int)
     match = getattr(args, "match_rank", 16)
     if match < 0:
         raise UsageError(f"--match-rank must be >= 0, got {match}")

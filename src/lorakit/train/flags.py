@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from .errors import RecipeError
+from .prepare import stderr_log
 from .recipe import load_recipe
 
 # flag -> (recipe field, type); None type: a string
@@ -154,5 +154,4 @@ def recipe_source(args: argparse.Namespace) -> str | None:
 
 def resolve_recipe(args: argparse.Namespace):
     """The recipe the flags describe (a rescaled default learning rate is said on stderr)."""
-    return load_recipe(recipe_source(args), recipe_overrides(args),
-                       log=lambda msg: print(f"[lorakit] {msg}", file=sys.stderr, flush=True))
+    return load_recipe(recipe_source(args), recipe_overrides(args), log=stderr_log)
