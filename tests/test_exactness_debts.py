@@ -177,6 +177,19 @@ def test_refused_peft_features_name_the_field(field):
         lk.LoraConfig.from_peft_dict(_peft_file(**{field: on}))
 
 
+@pytest.mark.parametrize("value", [None, False, {}, [], ""])
+def test_a_newer_peft_field_left_unset_loads(value):
+    # PEFT writes every field it has; a release after this lorakit adds fields that are off when unused
+    cfg = lk.LoraConfig.from_peft_dict(_peft_file(future_feature_config=value))
+    assert (cfg.r, cfg.alpha, cfg.target_modules) == (4, 8, ["q_proj"])
+
+
+@pytest.mark.parametrize("value", [True, 0.5, "on", {"k": 1}, [0]])
+def test_a_newer_peft_field_in_use_is_refused_naming_it(value):
+    with pytest.raises(lk.ConfigError, match=r"future_feature_config: unknown field .*does not know"):
+        lk.LoraConfig.from_peft_dict(_peft_file(future_feature_config=value))
+
+
 @pytest.mark.parametrize("field", sorted(PEFT_IGNORED))
 def test_ignored_peft_fields_load_whatever_their_value(field):
     value = {"peft_type": "LORA", "inference_mode": False, "fan_in_fan_out": True}.get(field, {"anything": 1})
@@ -185,7 +198,7 @@ def test_ignored_peft_fields_load_whatever_their_value(field):
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "olora", "pissa", "pissa_niter_4", "corda",
-                                  "loftq", "orthogonal", "mica"])
+                                  "loftq", "astra", "orthogonal", "mica", "nora"])
 def test_every_init_value_peft_writes_loads_with_peft_equal_logits(tmp_path, init):
     torch.manual_seed(0)
     model = tiny_llama()
@@ -206,7 +219,7 @@ def test_every_init_value_peft_writes_loads_with_peft_equal_logits(tmp_path, ini
     oracle_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path) if init in ("olora", "pissa") else pm
     expected = logits(oracle_model, ids)
     fresh = tiny_llama()
-    if init in ("corda", "loftq"):
+    if init in ("corda", "loftq", "astra"):
         with pytest.warns(UserWarning, match="rewrote the base weights"):
             lk.load_adapter(fresh, tmp_path)
     else:

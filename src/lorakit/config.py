@@ -25,8 +25,9 @@ PRESETS = ("all-linear", "all")
 # "random" (PEFT's `init_lora_weights=False`) makes B non-zero: a fresh adapter changes the outputs (tests only).
 INIT_METHODS = ("kaiming", "gaussian", "random", "pissa", "olora")
 
-# Every field of PEFT's LoraConfig (0.21), classified; tests/test_peft_vocabulary.py introspects PEFT's
-# dataclass so that a field added to PEFT fails the test until it is placed here.
+# Every field of PEFT's LoraConfig (0.22), classified; tests/test_exactness_debts.py introspects PEFT's
+# dataclass so that a field added to PEFT fails the test until it is placed here. A file written by a newer
+# PEFT carries fields lorakit has not classified yet: they load when off (see `_unknown_is_off`).
 #   honoured: read into a LoraConfig field (renamed where lorakit's name differs)
 PEFT_HONOURED = {
     "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
@@ -44,7 +45,7 @@ PEFT_IGNORED = {
     "megatron_core": "a module name, used only with megatron_config",
     "qalora_group_size": "used only with use_qalora", "runtime_config": "runtime only; PEFT drops it from files",
     "loftq_config": "initialisation only", "eva_config": "initialisation only", "corda_config": "initialisation only",
-    "lora_ga_config": "initialisation only",
+    "lora_ga_config": "initialisation only", "astra_config": "initialisation only",
 }
 #   refused unless off: a feature lorakit does not implement; its "off" values are accepted
 PEFT_REFUSED_UNLESS_OFF = {
@@ -55,10 +56,10 @@ PEFT_REFUSED_UNLESS_OFF = {
 }
 # PEFT `init_lora_weights` values lorakit does not run itself. How an adapter was initialised does
 # not matter once its tensors are loaded, so a file with one of these loads as `init="kaiming"`.
-PEFT_INITS_AS_SAVED = ("eva", "orthogonal", "lora_ga", "mica")
+PEFT_INITS_AS_SAVED = ("eva", "orthogonal", "lora_ga", "mica", "nora")
 # ... except that these rewrote the base weight with data lorakit cannot recompute (calibration
 # activations, a quantizer): the adapter fits only that rewritten base, which PEFT saves beside it.
-PEFT_INITS_REWRITING_BASE = ("corda", "loftq")
+PEFT_INITS_REWRITING_BASE = ("corda", "loftq", "astra")
 
 
 @dataclass
@@ -309,8 +310,9 @@ class LoraConfig:
             elif key in PEFT_REFUSED_UNLESS_OFF:
                 if not any(value == off and type(value) is type(off) for off in PEFT_REFUSED_UNLESS_OFF[key]):
                     raise ConfigError(key, f"this PEFT feature is not supported by lorakit (value {value!r})")
-            else:
-                raise ConfigError(key, "unknown field in adapter config")
+            elif not _unknown_is_off(value):
+                raise ConfigError(key, f"unknown field in adapter config (value {value!r}): a PEFT feature this "
+                                       "lorakit does not know; it loads only when unset (null, false or empty)")
         if "init" in kwargs:
             kwargs["init"] = _init_from_file(kwargs["init"])
         for key in ("rank_pattern", "alpha_pattern"):
@@ -371,6 +373,12 @@ def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+def _unknown_is_off(value: Any) -> bool:
+    """Whether a field lorakit does not know can be dropped: PEFT writes every field of its LoraConfig, and a
+    feature not in use is null, false or empty there; any other value could change the adapter's outputs."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
 def _init_from_file(init: Any) -> str:
