@@ -331,7 +331,7 @@ class LoraExperts(LoraLayer):
         y = self._project("down_proj", h, routing)
         if getattr(m, "has_post_expert_norm", False):
             y = m.post_expert_norm(y)
-        eager = getattr(getattr(m, "config", None), "_experts_implementation", None) == "eager"
+        eager = _implementation(m) == "eager"
         return moe.combine_rows(y, top_k_weights, routing, hidden_states.dtype, per_expert=eager)
 
     def _project(self, param: str, x: torch.Tensor, routing: moe.Routing) -> torch.Tensor:
@@ -340,11 +340,12 @@ class LoraExperts(LoraLayer):
         bias = getattr(m, f"{param}_bias", None) if getattr(m, "has_bias", False) else None
         weight = getattr(m, param)
         names = [n for n in self._forward_adapters if param in self.targets[n]]
-        if len(names) == 1 and self._fusable(names[0], param, x, weight, bias):  # the training fast path
+        per_row = _implementation(m) == "batched_mm"  # its base products, bit for bit
+        if len(names) == 1 and not per_row and self._fusable(names[0], param, x, weight, bias):  # training fast path
             A, B = self.lora_A[names[0]][param], self.lora_B[names[0]][param]
             p = self.lora_dropout[names[0]] if self.training else 0.0
             return moe.expert_projection(x, weight, bias, A, B, routing, m.is_transposed, self.scaling[names[0]], p)
-        out = moe.expert_linear(x, weight, routing, m.is_transposed, bias)
+        out = moe.expert_linear(x, weight, routing, m.is_transposed, bias, per_row)
         for name in self._forward_adapters:
             if param in self.targets[name]:
                 A, B = self.lora_A[name][param], self.lora_B[name][param]
@@ -361,6 +362,12 @@ class LoraExperts(LoraLayer):
         A = self.lora_A[name][param]
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         return torch.is_grad_enabled() and frozen and x.dtype == weight.dtype == A.dtype
+
+
+def _implementation(experts: nn.Module) -> str | None:
+    """transformers' experts implementation for this module (`config._experts_implementation`: `grouped_mm`,
+    `batched_mm`, `eager`), whose base computation the forward mirrors."""
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None)
 
 
 def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ product here (`grouped_matmul`) multiplies each expert's rows by that expert's m
 LoRA term costs `O(tokens * k * r * (in + out))` whatever the number of experts, and no
 `(experts, out, in)` delta is formed outside `expert_delta_weight` (merging). The base part follows
 transformers' `grouped_mm` experts implementation operation for operation (sorted rows, grouped
-products, the bias added in place, the weighted sum over each token's k rows; `combine_rows` also
-sums as its eager loop does), so an adapter whose B is zero gives the base output bit for bit.
+products, the bias added in place, the weighted sum over each token's k rows; `expert_linear` also
+multiplies row by row as its `batched_mm` does, `combine_rows` sums as its eager loop does), so an
+adapter whose B is zero gives the base output bit for bit under each implementation.
 The equation's pieces come from `lorakit.ops.lora` (`low_rank` with grouped projections,
 `delta_weight` batched over experts); `expert_low_rank` is the adapter's term as one autograd node,
 and `expert_projection` a frozen expert weight's product plus one adapter's term as one node (the
@@ -120,13 +121,20 @@ def grouped_outer(a: torch.Tensor, b: torch.Tensor, routing: Routing, num_expert
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, routing: Routing, transposed: bool = False,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
     """The base projection of each grouped row by its expert: `x W_e^T (+ b_e)`.
 
     `x: (S, in)`; `weight: (experts, out, in)`, or `(experts, in, out)` with `transposed`;
-    `bias: (experts, out)` or None. Returns `(S, out)` in `weight`'s dtype.
+    `bias: (experts, out)` or None. Returns `(S, out)` in `weight`'s dtype. `per_row`: one
+    matrix-vector product per row against its expert's gathered matrix, as transformers'
+    `batched_mm` experts implementation computes it (the same bits; a matrix product rounds
+    otherwise), instead of one grouped product per expert.
     """
-    out = grouped_matmul(x.to(weight.dtype), weight if transposed else weight.transpose(-2, -1), routing)
+    if per_row:
+        x, w = x.to(weight.dtype), weight[routing.experts]  # (S, out, in): what batched_mm gathers too
+        out = torch.bmm(x.unsqueeze(1), w).squeeze(1) if transposed else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+    else:
+        out = grouped_matmul(x.to(weight.dtype), weight if transposed else weight.transpose(-2, -1), routing)
     if bias is not None:
         out.add_(bias[routing.experts])
     return out
