@@ -233,6 +233,8 @@ def test_full_finetune_intruders_match_a_numpy_reference(tiny_adapter):
             assert idx == []  # unchanged weights: W_ft = W0
     total = result["intruders"]["full_finetune"]["total"]
     assert total == sum(m["intruders"]["count"] for m in ft.values()) and total >= 2  # one per q_proj at least
+    alone = analyze_adapter(tiny_adapter / "adapter", base=base, intruders=True)  # W0's SVD not shared
+    assert result["intruders"]["adapters"] == alone["intruders"]["adapters"]
 
 
 def test_peft_as_oracle(tiny_adapter):

@@ -131,3 +131,20 @@ def test_a_recipe_files_lr_wins_over_the_rule(tmp_path):
     assert load_recipe(f).lr == 0.003
     f.write_text("lora:\n  alpha: 64\n")
     assert load_recipe(f).lr == pytest.approx(5e-4)
+
+
+def test_a_run_shorter_than_the_presets_warmup_gets_the_presets_share_of_it(tmp_path):
+    base = preset("sentiment")  # 4 warmup steps of 40
+    said: list[str] = []
+    short = load_recipe(None, {"steps": 2}, log=said.append)
+    assert short.warmup_steps == round(base.warmup_steps * 2 / base.steps) == 0
+    assert any("warmup_steps 0" in m and "--warmup-steps sets it" in m for m in said)
+    assert load_recipe("sentiment-minilm", {"steps": 8}).warmup_steps == 0  # 10 of 250: 0.32 of a step
+    said.clear()
+    equal = load_recipe(None, {"steps": base.warmup_steps}, log=said.append)  # reaches lr on its last step
+    assert equal.warmup_steps == base.warmup_steps and said == []
+    file = tmp_path / "r.yaml"  # a warmup the user wrote is kept, with a warning
+    file.write_text("steps: 3\nwarmup_steps: 6\n")
+    mine = load_recipe(file, {}, log=said.append)
+    assert mine.warmup_steps == 6 and said == ["warning: warmup_steps 6 > steps 3: the learning rate peaks at 50% "
+                                               f"of lr {mine.lr:g} on the last step"]

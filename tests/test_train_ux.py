@@ -218,6 +218,7 @@ def test_eval_warns_when_the_data_changed_since_training(finished, tiny, capsys,
     assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(other)]) == 0
     err = capsys.readouterr().err
     assert "changed since the run was trained" not in err and "on all 20 examples" in err
+    assert "-> train" not in err and "held-out splits are smaller" not in err  # the whole file, no split
 
 
 def test_eval_on_another_file_refuses_labels_the_run_never_learned(finished, tiny, tmp_path, capsys):

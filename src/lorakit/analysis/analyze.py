@@ -10,7 +10,7 @@ import torch
 
 from .amplification import amplification_from_svd
 from .errors import AnalysisError, NoCommonModulesError
-from .intruders import EPS, TOP_K, intruder_dimensions
+from .intruders import EPS, TOP_K, intruder_dimensions, pretrained_basis
 from .linalg import lowrank_svd, numerical_rank_tol
 from .similarity import grassmann_similarity, similarity_summary, subspace_similarity
 from .spectrum import spectrum_from_singular_values
@@ -94,12 +94,14 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
                               "adapters": [], "similarity": None, "full_finetune": None, "warnings": warnings}
     svds: list[dict[str, tuple]] = []
     w0_cache: dict[str, torch.Tensor] = {}
+    # W0's singular vectors, kept per module only when more than one weight is compared with them
+    bases = {} if intruders and len(adapters) + (full_finetune is not None) > 1 else None
     for label, ad in zip(labels, adapters):
         svds.append({})
         entry = _adapter_entry(label, ad, svds[-1], warnings)
         if base_src is not None:
             _against_base(entry, ad, svds[-1], base_src, w0_cache, amplification_rank, (random_trials, seed),
-                          (intruder_top_k, intruder_eps) if intruders else None)
+                          (intruder_top_k, intruder_eps, bases) if intruders else None)
         result["adapters"].append(entry)
     if len(adapters) == 2:
         result["similarity"] = _similarity(adapters, labels, svds)
@@ -108,14 +110,14 @@ def analyze_adapter(path: str | Path, other: str | Path | None = None, base: Any
             warnings.append(note)
     if full_finetune is not None:
         result["full_finetune"] = _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values,
-                                                 warnings, (intruder_top_k, intruder_eps) if intruders else None)
+                                                 warnings, (intruder_top_k, intruder_eps, bases) if intruders else None)
     if intruders:
         result["intruders"] = _intruder_summary(result, intruder_top_k, intruder_eps)
     return result
 
 
 def _against_base(entry: dict, ad, svds: dict, base_src, w0_cache: dict, amplification_rank: int | None,
-                  trials_seed: tuple[int, int], intruders: tuple[int, float] | None) -> None:
+                  trials_seed: tuple[int, int], intruders: tuple | None) -> None:
     """The analyses that need W0, per module of one adapter: amplification (§7.3), intruders."""
     for mod_path, mod in ad.modules.items():
         if mod_path not in w0_cache:
@@ -124,8 +126,15 @@ def _against_base(entry: dict, ad, svds: dict, base_src, w0_cache: dict, amplifi
         entry["modules"][mod_path]["amplification"] = amplification_from_svd(
             *svds[mod_path], w0_cache[mod_path], r, random_trials=trials_seed[0], seed=trials_seed[1])
         if intruders is not None:
-            entry["modules"][mod_path]["intruders"] = intruder_dimensions(
-                w0_cache[mod_path], w0_cache[mod_path] + mod.delta(), *intruders)
+            entry["modules"][mod_path]["intruders"] = _intruders(
+                mod_path, w0_cache[mod_path], w0_cache[mod_path] + mod.delta(), *intruders)
+
+
+def _intruders(path: str, W0: torch.Tensor, W: torch.Tensor, top_k: int, eps: float, bases: dict | None) -> dict:
+    """`intruder_dimensions(W0, W)`, with W0's SVD taken from (or put into) `bases` when it is a dict."""
+    if bases is not None and path not in bases:
+        bases[path] = pretrained_basis(W0)
+    return intruder_dimensions(W0, W, top_k, eps, basis=None if bases is None else bases[path])
 
 
 def _intruder_summary(result: dict, top_k: int, eps: float) -> dict[str, Any]:
@@ -176,8 +185,8 @@ def _adapter_entry(label: str, ad, svds: dict[str, tuple], warnings: list[str]) 
 
 
 def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_values: int, warnings: list[str],
-                   intruders: tuple[int, float] | None = None) -> dict:
-    """Spectra of `W_ft - W0` for the adapted modules (and W_ft's intruder dimensions, `(top_k, eps)`)."""
+                   intruders: tuple | None = None) -> dict:
+    """Spectra of `W_ft - W0` for the adapted modules (and W_ft's intruder dimensions, `(top_k, eps, bases)`)."""
     ft_src = WeightSource(full_finetune, "--full-finetune")
     mods: dict[str, Any] = {}
     for ad in adapters:
@@ -192,7 +201,7 @@ def _full_finetune(full_finetune, adapters, base_src, w0_cache, keep_singular_va
         ft["modules"][p] = {"shape": list(mod.shape), "adapter_r": mod.r, "spectrum": spec,
                             "energy_at_adapter_rank": _energy_at(S, mod.r)}
         if intruders is not None:
-            ft["modules"][p]["intruders"] = intruder_dimensions(W0, W_ft, *intruders)
+            ft["modules"][p]["intruders"] = _intruders(p, W0, W_ft, *intruders)
         if spec["numerical_rank"] == 0:
             warnings.append(f"full fine-tune: {p}: W_ft - W0 is zero (same weights as --base?)")
     return ft

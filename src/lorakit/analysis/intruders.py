@@ -83,7 +83,8 @@ def _find(W0: torch.Tensor, W: torch.Tensor, top_k: int, eps: float, side: str, 
     return [int(i) for i in torch.nonzero(best < eps).flatten()], best, U, S, Vh
 
 
-def intruder_dimensions(W0: Any, W: Any, top_k: int = TOP_K, eps: float = EPS, side: str = "left") -> dict[str, Any]:
+def intruder_dimensions(W0: Any, W: Any, top_k: int = TOP_K, eps: float = EPS, side: str = "left",
+                        basis: torch.Tensor | None = None) -> dict[str, Any]:
     """The intruder dimensions of `W` against `W0` (paper §4; module docstring).
 
     Args:
@@ -91,6 +92,7 @@ def intruder_dimensions(W0: Any, W: Any, top_k: int = TOP_K, eps: float = EPS, s
             layer `W0 + delta_weight`). Torch tensors or numpy arrays of any float dtype; float64 inside.
         top_k: how many of W's largest singular vectors are examined (clipped to `min(out, in)`).
         eps: the cosine threshold. side: `"left"` (output side, PEFT's choice) or `"right"`.
+        basis: `pretrained_basis(W0, side)`, to compute W0's SVD once for several fine-tuned weights.
 
     Returns:
         `{"count", "indices"` (0-based ranks among W's singular values, ascending), `"max_cosine"`
@@ -102,7 +104,7 @@ def intruder_dimensions(W0: Any, W: Any, top_k: int = TOP_K, eps: float = EPS, s
     """
     _check(top_k, eps, side)
     W0_64, W64 = _pair(W0, W)
-    idx, best, _, S, _ = _find(W0_64, W64, top_k, eps, side)
+    idx, best, _, S, _ = _find(W0_64, W64, top_k, eps, side, basis)
     k = best.shape[0]
     return {"count": len(idx), "indices": idx, "max_cosine": best.tolist(), "singular_values": S[:k].tolist(),
             "intruder_singular_values": [float(S[i]) for i in idx], "top_k": k, "eps": float(eps), "side": side,

@@ -76,9 +76,11 @@ class Prepared:
     """A recipe's model, tokenizer, task and data split, ready to evaluate or train."""
 
     def __init__(self, recipe: Recipe, log: Callable[[str], None] = stderr_log, *, threads: int | None = None,
-                 device: tuple[torch.device, torch.dtype | None] | None = None, correct: bool = False):
+                 device: tuple[torch.device, torch.dtype | None] | None = None, correct: bool = False,
+                 whole: bool = False):
         """`correct`: with `quantize: nf4` and `qera_rank > 0`, pin the frozen QERA correction (training
-        needs it; a saved adapter already holds it)."""
+        needs it; a saved adapter already holds it). `whole`: the caller scores every example of the data
+        (`lorakit eval --data FILE`), so the train/val/test split is not reported."""
         self.recipe = recipe
         self.threads = set_threads(threads if threads is not None else recipe.threads)
         self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
@@ -102,7 +104,7 @@ class Prepared:
             raise RecipeError(f"recipe field 'max_length' is {recipe.max_length}, beyond the model's {limit} positions")
         self.model.to(self.device)
         self.dataset = block_dataset(data, self.tokenizer, recipe.max_length) if recipe.task == "text" else data
-        self.splits = self._split(log)
+        self.splits = self._split(log if not whole else lambda _message: None)
         every = self.dataset.examples + [e for ds in self.held_out.values() for e in ds.examples]
         self.task = make_task(recipe, self.tokenizer, every)  # the label set of every file
         # what the training stream draws batches from: examples, or packed rows of examples

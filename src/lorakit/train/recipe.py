@@ -417,15 +417,33 @@ def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | No
     overrides = overrides or {}
     recipe = apply(base, data)
     recipe = apply(recipe, {**_named_after_data(recipe, overrides), **overrides})
-    if "lr" in data or "lr" in overrides:
+    given = set(data) | set(overrides)
+    log = log if log is not None else (lambda _message: None)
+    recipe = _fit_warmup(recipe, base, "warmup_steps" in given, log)
+    if "lr" in given:
         return recipe
     lr = base.lr * default_lr(recipe.lora) / default_lr(base.lora)
     if not math.isclose(lr, base.lr, rel_tol=1e-9):
-        if log is not None:
-            log(f"lr {lr:.3g}: the {base.name!r} recipe's {base.lr:g} rescaled for this LoRA shape by the measured "
-                "rule (lr x scaling x r fixed; x2.5 for attention-only targets; docs/training.md); --lr sets it")
+        log(f"lr {lr:.3g}: the {base.name!r} recipe's {base.lr:g} rescaled for this LoRA shape by the measured "
+            "rule (lr x scaling x r fixed; x2.5 for attention-only targets; docs/training.md); --lr sets it")
         recipe = apply(recipe, {"lr": lr})
     return recipe
+
+
+def _fit_warmup(recipe: Recipe, base: Recipe, given: bool, log: Callable[[str], None]) -> Recipe:
+    """A run shorter than its warmup never reaches its learning rate: the preset's warmup is cut to the
+    preset's share of the new `steps`; a warmup the user gave is kept, with a warning."""
+    if recipe.warmup_steps <= recipe.steps:  # (s + 1) / warmup reaches 1 on step s = warmup - 1
+        return recipe
+    peak = recipe.steps / recipe.warmup_steps
+    if given:
+        log(f"warning: warmup_steps {recipe.warmup_steps} > steps {recipe.steps}: the learning rate peaks at "
+            f"{peak:.0%} of lr {recipe.lr:g} on the last step")
+        return recipe
+    warmup = round(base.warmup_steps * recipe.steps / base.steps)
+    log(f"warmup_steps {warmup}: the {base.name!r} recipe's {base.warmup_steps} is longer than steps "
+        f"{recipe.steps}; cut to its share of the run ({base.warmup_steps}/{base.steps}); --warmup-steps sets it")
+    return apply(recipe, {"warmup_steps": warmup})
 
 
 BUILTIN_DATA = ("rotten-tomatoes", "chatterbot", "hamlet")

@@ -74,7 +74,7 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
     if current_sha not in (None, recorded_sha):  # the file is hashed once
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
             f"{current_sha[:12]}... now)")
-    prep = Prepared(recipe, log)
+    prep = Prepared(recipe, log, whole=split == "all")
     _check_labels((info or {}).get("task", {}).get("labels"), prep.task.describe().get("labels"), recipe.data, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
