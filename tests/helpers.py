@@ -38,7 +38,8 @@ def randomize_lora(model, std: float = 0.2, seed: int = 2) -> None:
         for _, layer in lora_layers(model):
             for name in layer.adapter_names:
                 for t in (layer.lora_A[name], layer.lora_B[name]):
-                    t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) * std)
+                    for p in t.values() if isinstance(t, torch.nn.ParameterDict) else [t]:  # experts: one per weight
+                        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

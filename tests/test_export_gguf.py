@@ -55,7 +55,7 @@ def effective_deltas(path):
         if name == "token_embd.weight":
             out[name] = (alpha / b.shape[1]) * (b @ a.T)  # (dim, num_embeddings)
         else:
-            out[name] = (alpha / b.shape[1]) * (b @ a)
+            out[name] = (alpha / b.shape[-1]) * (b @ a)  # expert stacks: (experts, out, in)
     return meta, out
 
 
@@ -371,3 +371,87 @@ def test_atomic_output_leaves_the_old_file_on_failure(tmp_path):
     with atomic_output(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.gguf"]
+
+
+# ---------------------------------------------------------------------- mixture-of-experts
+def tiny_moe(family: str = "mixtral", **overrides):
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2)
+    make = {"mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig,
+                        dict(intermediate_size=24, num_local_experts=4)),
+            "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig,
+                          dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4, norm_topk_prob=True)),
+            "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig,
+                          dict(intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                               num_experts=4)),
+            "olmoe": (transformers.OlmoeForCausalLM, transformers.OlmoeConfig,
+                      dict(intermediate_size=16, num_experts=4, eos_token_id=1, pad_token_id=0)),
+            "gpt_oss": (transformers.GptOssForCausalLM, transformers.GptOssConfig,
+                        dict(intermediate_size=16, num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2))}
+    model_cls, config_cls, args = make[family]
+    return model_cls(config_cls(**{**common, **args, **overrides}))
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_expert_adapters_are_one_pair_per_expert_with_gate_up_split_in_halves(tmp_path):
+    model = tiny_moe()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS,
+                                   rank_pattern={r"experts\.\w+": 2}, alpha_pattern={r"experts\.\w+": 3}))
+    randomize_lora(model)
+    result = export_gguf_adapter(model, tmp_path / "a.gguf")
+    meta, deltas = effective_deltas(tmp_path / "a.gguf")
+    _, raw = read(tmp_path / "a.gguf")
+    ff = model.config.intermediate_size
+    for block in range(2):
+        layer = dict(lora_layers(model))[f"model.layers.{block}.mlp.experts"]
+        A, B = {}, {}
+        for p in ("gate_up_proj", "down_proj"):  # float64 reference: scaling * B_e @ A_e per expert (out, in)
+            A[p], B[p] = (layer.lora_A["default"][p].detach().double().numpy(),
+                          layer.lora_B["default"][p].detach().double().numpy())
+        s = layer.scaling["default"]
+        want = {"ffn_gate_exps": s * B["gate_up_proj"][:, :ff] @ A["gate_up_proj"],
+                "ffn_up_exps": s * B["gate_up_proj"][:, ff:] @ A["gate_up_proj"],
+                "ffn_down_exps": s * B["down_proj"] @ A["down_proj"]}
+        for kind, delta in want.items():
+            name = f"blk.{block}.{kind}.weight"
+            assert raw[name + ".lora_a"].shape == (4, 2, A["down_proj" if kind == "ffn_down_exps" else "gate_up_proj"]
+                                                   .shape[-1])  # (experts, r, in)
+            np.testing.assert_allclose(deltas[name], delta, rtol=1e-6, atol=1e-9, err_msg=name)
+        assert result.tensors[f"blk.{block}.ffn_gate_exps.weight"].endswith("experts.gate_up_proj (gate half)")
+    # six expert pairs at scaling * r = 3, two q_proj at 8: the file's alpha is 3 and q_proj's B is rescaled
+    assert meta["adapter.lora.alpha"] == 3.0
+    assert sorted(result.rescaled) == [f"model.layers.{b}.self_attn.q_proj" for b in range(2)]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_expert_adapter_from_its_folder_is_the_file_written_from_the_model(tmp_path, family):
+    model = tiny_moe(family)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all"))  # resolved in the file: PEFT's nesting
+    randomize_lora(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    export_gguf_adapter(model, tmp_path / "from_model.gguf")
+    export_gguf_adapter(tmp_path / "ad", tmp_path / "from_folder.gguf", model=tiny_moe(family).config)
+    (m1, t1), (m2, t2) = read(tmp_path / "from_model.gguf"), read(tmp_path / "from_folder.gguf")
+    assert m1 == m2 and list(t1) == list(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
+    assert {"blk.1.ffn_gate_exps.weight.lora_a", "blk.1.ffn_up_exps.weight.lora_b",
+            "blk.1.ffn_down_exps.weight.lora_b"} <= set(t1)
+
+
+@pytest.mark.parametrize("family, overrides, match", [
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False: llama.cpp's qwen3moe model always renormalises"),
+    ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob=True: llama.cpp's qwen2moe model never renormalises"),
+    ("olmoe", {}, "num_key_value_heads=2 < num_attention_heads=4: llama.cpp's olmoe model has no grouped-query"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, r"layers \[1\] .* are dense"),
+    ("mixtral", {"sliding_window": 16}, "sliding_window=16: llama.cpp's llama model attends to the whole context"),
+    ("gpt_oss", {}, "model type 'gpt_oss' is not supported"),
+], ids=["qwen3-unnormalised", "qwen2-normalised", "olmoe-gqa", "qwen3-dense-layers", "mixtral-window", "gpt-oss"])
+def test_moe_models_llama_cpp_would_compute_differently_are_refused_before_writing(tmp_path, family, overrides, match):
+    model = tiny_moe(family, **overrides)
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf_merged(model, tmp_path / "m.gguf", source_gguf=tmp_path / "never-read.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -82,7 +82,9 @@ def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
     return adapter
 
 
-def _config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, dict]:
+def config_for_file(model: nn.Module, adapter: str) -> tuple[LoraConfig, bool, dict]:
+    """`(config as written to adapter_config.json, fan_in_fan_out, fused slices by module path)` of a model's
+    adapter: the `all-linear` / `all` presets resolved to the module and expert-weight lists, as PEFT writes them."""
     config = require_adapter(model, adapter)
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
     if config.target_modules in PRESETS:  # as PEFT does for all-linear: write the resolved module list
@@ -121,7 +123,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
         warnings.warn(f"adapter {adapter!r} runs at a strength set by set_scale on {len(scaled)} modules (e.g. "
                       f"{scaled[0]!r}); the file holds the adapter as configured (scale 1), as PEFT's files do",
                       stacklevel=2)
-    config, fan_in_fan_out, fused = _config_for_file(model, adapter)
+    config, fan_in_fan_out, fused = config_for_file(model, adapter)
     return write_adapter_files(path, adapter_state_dict(model, adapter), config.to_json(fan_in_fan_out, fused))
 
 
@@ -499,7 +501,7 @@ def convert_pissa_to_lora(model: nn.Module, path: str | Path, adapter: str = "de
     """
     check_folder(path)
     converted, tensors = pissa_to_lora(model, adapter)
-    file_config, fan_in_fan_out, _ = _config_for_file(model, adapter)
+    file_config, fan_in_fan_out, _ = config_for_file(model, adapter)
     converted = converted.replace(
         target_modules=file_config.target_modules, base_model_name_or_path=file_config.base_model_name_or_path
     )

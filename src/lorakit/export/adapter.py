@@ -8,7 +8,8 @@ writes):
 - per adapted weight `W` of llama.cpp name `N` (`blk.3.attn_q.weight`): `N.lora_a` and `N.lora_b`.
   In numpy/torch order `lora_a` is `A: (r, in_features)` and `lora_b` is `B: (out_features, r)`,
   i.e. GGUF shapes `[in, r]` and `[r, out]`; for the token embedding `lora_a` is `A.T: (num_embeddings, r)`
-  (llama.cpp gathers its rows by token id).
+  (llama.cpp gathers its rows by token id); for a stack of expert weights (`blk.3.ffn_up_exps.weight`)
+  `A: (experts, r, in)` and `B: (experts, out, r)`, one pair per expert (`lorakit.export.arch`).
 
 llama.cpp computes `W x + s * B (A x)` with `s = adapter.lora.alpha / r` (`r` read from each
 `lora_b`'s shape) times the user's `--lora-scaled` factor (1 by default). One alpha serves the
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import PREFIX, adapter_state_dict, read_adapter, resolve_adapter
-from ..state import get_state, has_adapters, unwrap
-from .arch import ADAPTABLE, GGUFArch, GGUFExportError, field_value, open_reader
+from ..config import matches
+from ..io import PREFIX, adapter_state_dict, config_for_file, read_adapter, resolve_adapter
+from ..layers.experts import EXPERT_WEIGHTS, LoraExperts
+from ..state import has_adapters, unwrap
+from .arch import ADAPTABLE, GGUFArch, GGUFExportError, expert_parts, field_value, open_reader
 from .writer import Value, check_outtype, encode, write_gguf
 from ..variants.pissa import is_weight_init
 
@@ -60,11 +63,12 @@ class AdapterExport:
 
 @dataclass
 class _Pair:
-    path: str  # HF module path
-    A: torch.Tensor
-    B: torch.Tensor
+    path: str  # HF module path (expert weights: `<experts path>.<weight>`)
+    A: torch.Tensor  # (r, in); expert weights (experts, r, in)
+    B: torch.Tensor  # (out, r); expert weights (experts, out, r)
     embedding: bool
     scaling: float
+    lookup: str = ""  # the HF parameter name whose llama.cpp tensor this pair adapts (default `<path>.weight`)
 
 
 def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *, model=None,
@@ -95,7 +99,7 @@ def export_gguf_adapter(adapter: str | Path | nn.Module, out_file: str | Path, *
     config, tensors, owner = _adapter_source(adapter, adapter_name)
     arch, base_shapes = _base_info(model if model is not None else owner, base_gguf)
     _refuse_variants(config, tensors)
-    pairs = _pairs(config, tensors)
+    pairs = _split_gate_up(_pairs(config, tensors, arch.n_expert))
     names = {p.path: _gguf_name(arch, p, base_shapes) for p in pairs}
     pairs.sort(key=lambda p: _order(names[p.path]))  # the same file from a folder or from a model
     alpha, factors = _alpha(pairs)
@@ -145,7 +149,7 @@ def _adapter_source(adapter, adapter_name):
         if not has_adapters(inner):
             raise GGUFExportError(f"{type(inner).__name__} has no lorakit adapters to export")
         name = resolve_adapter(inner, adapter_name)
-        return get_state(inner).configs[name], adapter_state_dict(inner, name), inner
+        return config_for_file(inner, name)[0], adapter_state_dict(inner, name), inner  # presets resolved
     if adapter_name is not None:
         raise GGUFExportError("adapter_name applies to a model, not to an adapter folder")
     files = read_adapter(adapter)
@@ -187,9 +191,10 @@ def _module_of(key: str) -> str:
     return key.rpartition(".")[0]  # a modules_to_save copy or a bias: `<path>.weight`
 
 
-def _pairs(config, tensors: dict[str, torch.Tensor]) -> list[_Pair]:
+def _pairs(config, tensors: dict[str, torch.Tensor], n_expert: int) -> list[_Pair]:
     """The (A, B) pairs by module, in file order; refuses every other tensor, naming it."""
     found: dict[str, dict[str, torch.Tensor]] = {}
+    tensors = _expert_tensors(config, tensors, n_expert)
     for key, tensor in tensors.items():
         suffix = next((s for s in (*_LINEAR, *_EMBEDDING) if key.endswith("." + s)), None)
         if suffix is None:
@@ -210,9 +215,50 @@ def _pairs(config, tensors: dict[str, torch.Tensor]) -> list[_Pair]:
     return pairs
 
 
+def _expert_tensors(config, tensors: dict[str, torch.Tensor], n_expert: int) -> dict[str, torch.Tensor]:
+    """`tensors` with PEFT's nested expert keys (`<experts>.[base_layer.]*lora_A.weight`, `(experts * r, in)`)
+    rewritten as `<experts>.<weight>.lora_A.weight` `(experts, r, in)` (B: `(experts, out, r)`).
+
+    Which weight a nesting depth holds follows from `target_parameters`: the adapted weights of an
+    experts module in registration order (`EXPERT_WEIGHTS`), the last one outermost."""
+    if not config.target_parameters:
+        return tensors
+    out = {}
+    for key, tensor in tensors.items():
+        module = _module_of(key)
+        path, depth = module.split(".base_layer")[0], module.count(".base_layer")
+        adapted = [w for w in EXPERT_WEIGHTS if matches(config.target_parameters, f"{path}.{w}")]
+        if not adapted or not key.endswith(_LINEAR):
+            out[key] = tensor
+            continue
+        if not n_expert:
+            raise GGUFExportError(f"{path}: an expert adapter, but the base model has no experts")
+        weight = adapted[len(adapted) - 1 - depth] if depth < len(adapted) else None
+        if weight is None:
+            raise GGUFExportError(f"{path}: tensor {key!r} nests deeper than the {len(adapted)} adapted expert weights")
+        attr = "lora_A" if key.endswith(_LINEAR[0]) else "lora_B"
+        out[f"{path}.{weight}.{attr}.weight"] = LoraExperts.from_file(attr, tensor, n_expert)
+    return out
+
+
+def _split_gate_up(pairs: list[_Pair]) -> list[_Pair]:
+    """A pair on a fused `gate_up_proj` stack as the two pairs llama.cpp applies: the same A, each half of B."""
+    out = []
+    for p in pairs:
+        parts = expert_parts(p.path, p.B.detach().to(torch.float64).numpy()) if p.A.dim() == 3 else []
+        if len(parts) < 2:
+            out.append(p)
+            continue
+        for lookup, b in parts:
+            half = lookup.removesuffix(".weight").rpartition(".")[2]
+            label = f"{p.path} ({half.removesuffix('_proj')} half)"
+            out.append(_Pair(label, p.A, torch.from_numpy(b), False, p.scaling, lookup))
+    return out
+
+
 def _gguf_name(arch: GGUFArch, pair: _Pair, base_shapes) -> str:
     """llama.cpp's weight name for `pair`, after checking llama.cpp can apply a LoRA there."""
-    name = arch.tensor_name(pair.path + ".weight")
+    name = arch.tensor_name(pair.lookup or (pair.path + ".weight"))
     kind = None if name is None else (name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])
     if name is None or not name.endswith(".weight") or kind not in ADAPTABLE[arch.arch]:
         raise GGUFExportError(f"{pair.path}: llama.cpp applies no LoRA to this module in a {arch.arch} model "
@@ -225,8 +271,8 @@ def _gguf_name(arch: GGUFArch, pair: _Pair, base_shapes) -> str:
     if base_shapes is not None:
         if name not in base_shapes:
             raise GGUFExportError(f"{pair.path}: the base GGUF has no tensor {name!r} (a different base model?)")
-        shape = base_shapes[name]  # numpy order: (out, in); the embedding: (num_embeddings, dim)
-        want = (pair.A.shape[1], pair.B.shape[0]) if pair.embedding else (pair.B.shape[0], pair.A.shape[1])
+        shape = base_shapes[name]  # numpy order: (out, in); the embedding: (num_embeddings, dim); experts (e, out, in)
+        want = (pair.A.shape[1], pair.B.shape[0]) if pair.embedding else (*pair.B.shape[:-1], pair.A.shape[-1])
         if tuple(shape) != tuple(want):
             raise GGUFExportError(f"{pair.path}: the adapter fits a weight of shape {want}, but the base GGUF's "
                                   f"{name} has shape {tuple(shape)} (a different base model?)")
@@ -243,11 +289,11 @@ def _order(name: str) -> tuple:
 
 def _alpha(pairs: list[_Pair]) -> tuple[float, dict[str, float]]:
     """The file's alpha (the most common `scaling * r`, as float32) and each module's factor on B."""
-    wanted = {p.path: p.scaling * p.A.shape[0] for p in pairs}
+    wanted = {p.path: p.scaling * p.A.shape[-2] for p in pairs}
     alpha = float(np.float32(Counter(round(v, 9) for v in wanted.values()).most_common(1)[0][0]))
     factors = {}
     for p in pairs:
-        applied = float(np.float32(alpha) / np.float32(p.A.shape[0]))  # what llama.cpp computes
+        applied = float(np.float32(alpha) / np.float32(p.A.shape[-2]))  # what llama.cpp computes
         factor = p.scaling / applied
         factors[p.path] = 1.0 if math.isclose(factor, 1.0, rel_tol=1e-6) else factor
     return alpha, factors

@@ -11,6 +11,13 @@ for LoRA tensors and merged weights:
   the weight's rows). `A` is untouched.
 - GPT-2: transformers' `Conv1D` stores its weight `(in, out)`; GGUF stores `(out, in)`. A LoRA
   `A` `(r, in)` and `B` `(out, r)` are already in the common orientation and stay as they are.
+- Mixture-of-experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): transformers 5 keeps each layer's experts
+  as 3-D parameters, `mlp.experts.gate_up_proj: (experts, 2 * ff, hidden)` (gate rows first, then up)
+  and `mlp.experts.down_proj: (experts, hidden, ff)`; llama.cpp keeps three stacks, `ffn_gate_exps`,
+  `ffn_up_exps` `(experts, ff, hidden)` and `ffn_down_exps`, and multiplies them per routed expert
+  (`ggml_mul_mat_id`), LoRA included: an expert LoRA is `lora_a: (experts, r, in)`, `lora_b:
+  (experts, out, r)` (lorakit's own layout). `gate_up_proj` is split row-wise into its gate and up
+  halves; a LoRA on it gives both halves the same `A` and each its half of `B`.
 """
 
 from __future__ import annotations
@@ -23,15 +30,23 @@ import numpy as np
 
 from ..errors import LoraError
 
-# transformers `model_type` -> llama.cpp architecture name (the two tested against llama.cpp here)
-ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2"}
+# transformers `model_type` -> llama.cpp architecture name (each tested against llama.cpp here)
+ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe",
+                 "olmoe": "olmoe"}
+_ATTENTION = {"attn_q", "attn_k", "attn_v", "attn_output"}
+_EXPERTS = {"ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+_HEAD = {"output", "token_embd"}
 
 # llama.cpp tensors (without `.weight`) whose matrix product goes through `build_lora_mm`, i.e.
 # that a LoRA adapter file may target, per architecture; `token_embd` goes through
 # `build_inp_embd` (its own LoRA layout).
 ADAPTABLE = {
-    "llama": {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output", "token_embd"},
+    "llama": _ATTENTION | {"ffn_gate", "ffn_up", "ffn_down"} | _EXPERTS | _HEAD,  # Mixtral: the experts
     "gpt2": {"attn_qkv", "attn_output", "ffn_up", "ffn_down", "output", "token_embd"},
+    "qwen3moe": _ATTENTION | _EXPERTS | _HEAD,
+    "qwen2moe": _ATTENTION | _EXPERTS | _HEAD | {"ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                                                 "ffn_gate_inp_shexp"},
+    "olmoe": _ATTENTION | _EXPERTS | _HEAD,
 }
 
 # llama.cpp tensors whose rows convert_hf_to_gguf.py permutes, and the head count it uses
@@ -51,6 +66,7 @@ class GGUFArch:
         n_layer: number of transformer blocks.
         n_head, n_head_kv: attention heads and key/value heads (for the Llama q/k row permutation).
         tied_head: the output head shares the token embedding (the GGUF has no `output.weight`).
+        n_expert: experts per mixture-of-experts layer (0: a dense model).
     """
 
     arch: str
@@ -58,6 +74,7 @@ class GGUFArch:
     n_head: int
     n_head_kv: int
     tied_head: bool
+    n_expert: int = 0
 
     @classmethod
     def from_config(cls, config) -> "GGUFArch":
@@ -74,7 +91,8 @@ class GGUFArch:
             n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
             n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        return cls(ARCHITECTURES[model_type], int(n_layer), int(n_head), int(n_head_kv), tied)
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        return cls(ARCHITECTURES[model_type], int(n_layer), int(n_head), int(n_head_kv), tied, int(experts))
 
     @classmethod
     def from_gguf(cls, reader) -> "GGUFArch":
@@ -86,7 +104,7 @@ class GGUFArch:
         n_head_kv = field_value(reader, f"{arch}.attention.head_count_kv", n_head)
         names = {t.name for t in reader.tensors}
         return cls(arch, int(field_value(reader, f"{arch}.block_count")), n_head, int(n_head_kv),
-                   "output.weight" not in names)
+                   "output.weight" not in names, int(field_value(reader, f"{arch}.expert_count", 0)))
 
     def tensor_name(self, hf_path: str) -> str | None:
         """llama.cpp's name (`blk.3.attn_q.weight`) of the Hugging Face parameter `hf_path`
@@ -105,6 +123,51 @@ class GGUFArch:
             raise GGUFExportError(f"{gguf_name}: {out} rows do not split into {n} heads of rotary pairs")
         return np.ascontiguousarray(rows.reshape(n, 2, out // n // 2,
                                                  *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape))
+
+
+# architectures whose llama.cpp model falls back to `token_embd` when the file has no `output.weight`
+OPTIONAL_OUTPUT = {"llama", "gpt2", "qwen3moe"}
+# llama.cpp's routing per architecture: whether the top-k routing weights are renormalised to sum to 1
+# (`build_moe_ffn`'s `norm_w`); transformers' `norm_topk_prob` must agree (Mixtral always renormalises)
+NORMALISED_TOP_K = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+
+
+def check_routing(arch: GGUFArch, config) -> None:
+    """Refuse a mixture-of-experts config that llama.cpp's graph for `arch` would compute differently."""
+    if not arch.n_expert:
+        return
+    if arch.arch == "olmoe" and arch.n_head_kv != arch.n_head:  # its q/k norms span all heads: no GQA there
+        raise GGUFExportError(f"num_key_value_heads={arch.n_head_kv} < num_attention_heads={arch.n_head}: llama.cpp's "
+                              "olmoe model has no grouped-query attention")
+    normalised = bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral"))
+    if normalised != NORMALISED_TOP_K[arch.arch]:
+        raise GGUFExportError(f"norm_topk_prob={normalised}: llama.cpp's {arch.arch} model "
+                              f"{'always' if NORMALISED_TOP_K[arch.arch] else 'never'} renormalises the top-k routing "
+                              "weights, so it would compute another model")
+    dense = getattr(config, "mlp_only_layers", None) or []
+    if dense or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise GGUFExportError(f"layers {list(dense)} (decoder_sparse_step {getattr(config, 'decoder_sparse_step', 1)}) "
+                              f"are dense: llama.cpp's {arch.arch} model has experts in every layer")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise GGUFExportError(f"sliding_window={config.sliding_window}: llama.cpp's {arch.arch} model attends to the "
+                              "whole context")
+
+
+def expert_parts(hf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A parameter as llama.cpp stores it, `[(name to look up, array)]`: a 3-D expert weight
+    `<experts>.down_proj` becomes `<experts>.down_proj.weight`, and `<experts>.gate_up_proj`
+    `(experts, 2 * ff, ...)` its halves along axis 1, `gate_proj` then `up_proj` (a LoRA `B`
+    `(experts, 2 * ff, r)` splits the same way); any other parameter is returned as it is."""
+    experts, _, param = hf_name.rpartition(".")
+    if array.ndim != 3 or param not in ("gate_up_proj", "up_proj", "down_proj"):
+        return [(hf_name, array)]
+    if param != "gate_up_proj":
+        return [(f"{hf_name}.weight", array)]
+    if array.shape[1] % 2:
+        raise GGUFExportError(f"{hf_name}: {array.shape[1]} rows do not split into gate and up halves")
+    gate, up = np.split(array, 2, axis=1)
+    return [(f"{experts}.gate_proj.weight", np.ascontiguousarray(gate)),
+            (f"{experts}.up_proj.weight", np.ascontiguousarray(up))]
 
 
 def name_map(arch: str, n_layer: int):

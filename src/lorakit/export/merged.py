@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..layers import LoraLayer, ModulesToSave
+from ..layers.experts import LoraExperts
 from ..layers.linear import is_conv1d
 from ..state import unwrap
-from .arch import GGUFArch, GGUFExportError, field_value, open_reader
+from .arch import OPTIONAL_OUTPUT, GGUFArch, GGUFExportError, check_routing, expert_parts, field_value, open_reader
 from .writer import Tensor, Value, check_outtype, encode, file_type, write_gguf
 
 # metadata the writer sets itself, never copied from the source
@@ -50,8 +51,9 @@ def export_gguf_merged(model: nn.Module, out_file: str | Path, *, source_gguf: s
     """Write `model` with its active adapters merged as a GGUF model file for llama.cpp.
 
     Args:
-        model: a transformers causal LM (Llama or GPT-2 architecture), with or without lorakit
-            adapters; it is not modified.
+        model: a transformers causal LM (Llama, GPT-2, or the mixture-of-experts Mixtral, Qwen2-MoE,
+            Qwen3-MoE, OLMoE), with or without lorakit adapters (expert adapters included); it is not
+            modified.
         out_file: the `.gguf` file to write (replaced atomically).
         source_gguf: a GGUF model file whose tokenizer and chat template the new file carries
             (for a model converted from a GGUF file: that file).
@@ -62,7 +64,8 @@ def export_gguf_merged(model: nn.Module, out_file: str | Path, *, source_gguf: s
     Raises:
         GGUFExportError: an unsupported architecture, a parameter llama.cpp has no tensor for
             (naming it), a 4-bit (QLoRA) base layer (call `lorakit.merge_and_unload` first), a
-            source file whose vocabulary does not fit the model.
+            source file whose vocabulary does not fit the model, a mixture-of-experts routing
+            llama.cpp computes differently (`lorakit.export.arch.check_routing`).
     """
     check_outtype(outtype)
     inner = unwrap(model)
@@ -70,23 +73,27 @@ def export_gguf_merged(model: nn.Module, out_file: str | Path, *, source_gguf: s
     if config is None:
         raise GGUFExportError(f"{type(inner).__name__} has no transformers config; a GGUF model file needs one")
     arch = GGUFArch.from_config(config)
+    check_routing(arch, config)
+    hparams = _hparams(arch, config)  # refuses what llama.cpp cannot run before the slow part
     reader = open_reader(source_gguf)
     tensors, merged, seen = [], {}, {}
     for hf_name, value, conv1d, adapters in plain_parameters(inner):
-        name = arch.tensor_name(hf_name)
-        if name is None:
-            raise GGUFExportError(f"{hf_name}: llama.cpp's {arch.arch} model has no tensor for this parameter")
-        if name in seen:
-            raise GGUFExportError(f"{hf_name} and {seen[name]} both map to llama.cpp's {name}")
-        seen[name] = hf_name
         array = value.detach().to(torch.float32).cpu().numpy()
         if conv1d and array.ndim == 2:
             array = array.T
-        tensors.append(encode(name, arch.permute_rows(name, array), outtype))
-        if adapters:
-            merged[name] = adapters
-    _drop_tied_output(tensors, inner)
-    values, source = _metadata(reader, arch, config, outtype)
+        for part, rows in expert_parts(hf_name, array):
+            name = arch.tensor_name(part)
+            if name is None:
+                raise GGUFExportError(f"{hf_name}: llama.cpp's {arch.arch} model has no tensor for this parameter")
+            if name in seen:
+                raise GGUFExportError(f"{hf_name} and {seen[name]} both map to llama.cpp's {name}")
+            seen[name] = hf_name
+            tensors.append(encode(name, arch.permute_rows(name, rows), outtype))
+            if adapters:
+                merged[name] = adapters
+    if arch.arch in OPTIONAL_OUTPUT:
+        _drop_tied_output(tensors, inner)
+    values, source = _metadata(reader, arch, hparams, config, outtype)
     write_gguf(out_file, arch.arch, values, tensors)
     return MergedExport(Path(out_file), outtype, len(tensors), merged, source)
 
@@ -115,6 +122,11 @@ def _layer_parameters(layer: LoraLayer, path: str):
         raise GGUFExportError(f"{path}: a 4-bit (QLoRA) base layer; call lorakit.merge_and_unload(model) first, "
                               "then export the plain model")
     active = [] if layer.disabled else [n for n in layer.active_adapters if n in layer.lora_A]
+    if isinstance(layer, LoraExperts):  # several weights, each with the adapters that adapt it
+        for name, p in layer.base_layer.named_parameters(recurse=False):
+            adapted = [n for n in active if name in layer.targets[n]]
+            yield f"{path}.{name}", layer.merged_weight(adapted, name) if p.dim() == 3 else p, False, adapted
+        return
     conv1d = is_conv1d(layer.base_layer)
     for name, p in layer.base_layer.named_parameters(recurse=False):
         if name == "weight":
@@ -141,11 +153,10 @@ def _drop_tied_output(tensors: list[Tensor], model: nn.Module) -> None:
         tensors[:] = [t for t in tensors if t.name != "output.weight"]
 
 
-def _metadata(reader, arch: GGUFArch, config, outtype: str) -> tuple[list[Value], str]:
+def _metadata(reader, arch: GGUFArch, hparams: list[Value], config, outtype: str) -> tuple[list[Value], str]:
     """The file's metadata: the source's (same model) or generated hparams + the source's tokenizer."""
     import gguf
 
-    hparams = _hparams(arch, config)
     same = field_value(reader, "general.architecture") == arch.arch and all(
         field_value(reader, v.key) is not None and np.isclose(float(field_value(reader, v.key)), float(v.value),
                                                               rtol=1e-6)
@@ -204,6 +215,13 @@ def _hparams(arch: GGUFArch, config) -> list[Value]:
              ("rope.dimension_count", head_dim, T.UINT32), ("vocab_size", config.vocab_size, T.UINT32)]
     if head_dim * config.num_attention_heads != config.hidden_size:
         pairs += [("attention.key_length", head_dim, T.UINT32), ("attention.value_length", head_dim, T.UINT32)]
+    if arch.n_expert:
+        pairs += [("expert_count", arch.n_expert, T.UINT32),
+                  ("expert_used_count", config.num_experts_per_tok, T.UINT32)]
+        for key, attr in (("expert_feed_forward_length", "moe_intermediate_size"),
+                          ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
+            if getattr(config, attr, None):
+                pairs.append((key, getattr(config, attr), T.UINT32))
     return [Value(f"{a}.{k}", v, t) for k, v, t in pairs]
 
 
