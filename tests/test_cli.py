@@ -151,3 +151,18 @@ def test_bring_your_own_csv_trains_evaluates_and_merges(tmp_path, capsys):
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_info_names_expert_targets_of_an_adapter_without_target_modules(tmp_path, capsys):
+    import transformers
+
+    import lorakit as lk
+
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, num_local_experts=4, num_experts_per_tok=2))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_parameters=["mlp.experts.down_proj"]))
+    lk.save_adapter(model, tmp_path / "ad")
+    code, out, err = run(["info", str(tmp_path / "ad")], capsys)
+    assert code == 0, err
+    assert "target modules: None;" in out and "target parameters: ['mlp.experts.down_proj']" in out

@@ -335,7 +335,8 @@ def test_cli_exports_an_adapter(tmp_path, capsys, hf_folder_and_adapter):
         np.testing.assert_allclose(deltas[name], want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["missing adapter", "not .gguf", "q8_0 adapter", "merged without gguf", "no model", "dora"])
+@pytest.mark.parametrize("case", ["missing adapter", "not .gguf", "q8_0 adapter", "merged without gguf", "no model", "dora",
+                                  "source-gguf missing", "source-gguf without merged"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, hf_folder_and_adapter, case):
     base, adapter, model = hf_folder_and_adapter
     capsys.readouterr()  # the fixture's progress bars
@@ -351,6 +352,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, hf_folder_and_ad
         "merged without gguf": ["export", str(adapter), "--model", str(base), "--out", out, "--merged"],
         "no model": ["export", str(adapter), "--out", out],
         "dora": ["export", str(tmp_path / "dora"), "--model", str(base), "--out", out],
+        "source-gguf missing": ["export", str(adapter), "--model", str(base), "--out", out, "--merged",
+                                "--source-gguf", str(tmp_path / "none.gguf")],
+        "source-gguf without merged": ["export", str(adapter), "--model", str(base), "--out", out,
+                                       "--source-gguf", str(tmp_path / "none.gguf")],
     }[case]
     if case == "no model":  # no --model, no lorakit_train.json, no base_model_name_or_path
         assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] is None
@@ -446,12 +451,90 @@ def test_expert_adapter_from_its_folder_is_the_file_written_from_the_model(tmp_p
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False: llama.cpp's qwen3moe model always renormalises"),
     ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob=True: llama.cpp's qwen2moe model never renormalises"),
     ("olmoe", {}, "num_key_value_heads=2 < num_attention_heads=4: llama.cpp's olmoe model has no grouped-query"),
-    ("qwen3_moe", {"mlp_only_layers": [1]}, r"layers \[1\] .* are dense"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, r"layers \[1\] are dense \(mlp_only_layers \[1\], decoder_sparse_step 1"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, r"layers \[0\] are dense \(mlp_only_layers \[\], decoder_sparse_step 2"),
     ("mixtral", {"sliding_window": 16}, "sliding_window=16: llama.cpp's llama model attends to the whole context"),
     ("gpt_oss", {}, "model type 'gpt_oss' is not supported"),
-], ids=["qwen3-unnormalised", "qwen2-normalised", "olmoe-gqa", "qwen3-dense-layers", "mixtral-window", "gpt-oss"])
+], ids=["qwen3-unnormalised", "qwen2-normalised", "olmoe-gqa", "qwen3-dense-layers", "qwen3-sparse-step",
+        "mixtral-window", "gpt-oss"])
 def test_moe_models_llama_cpp_would_compute_differently_are_refused_before_writing(tmp_path, family, overrides, match):
     model = tiny_moe(family, **overrides)
     with pytest.raises(GGUFExportError, match=match):
         export_gguf_merged(model, tmp_path / "m.gguf", source_gguf=tmp_path / "never-read.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def _saved_moe(tmp_path, family="qwen3_moe", **config):
+    model = tiny_moe(family)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, **(config or {"target_modules": "all"})))
+    randomize_lora(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+def _edit(folder, config=None, tensors=None):
+    from safetensors.torch import load_file, save_file
+
+    if config:
+        data = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**data, **config}))
+    if tensors:
+        t = load_file(folder / "adapter_model.safetensors")
+        tensors(t)
+        save_file(t, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("case, match", [
+    ("config-r", r"rank 4 in the tensors, 8 in adapter_config.json"),
+    ("expert-rank-pattern", r"experts.gate_up_proj: rank 4 in the tensors, 2 in adapter_config.json"),
+    ("expert-B-cut", r"experts.gate_up_proj: A \(4, 4, 32\) and B \(4, 32, 3\) do not form one low-rank pair"),
+    ("expert-A-ragged", r"lora_A of gate_up_proj has shape \(13, 32\), not a stack of 4 experts"),
+    ("another-model", r"the adapter fits a weight of shape .* but the base model's .* has shape"),
+])
+def test_folder_export_checks_the_tensors_against_the_config_and_the_model(tmp_path, case, match):
+    folder = _saved_moe(tmp_path)
+    key = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_{}.weight"  # gate_up_proj (nested once)
+    model = tiny_moe("qwen3_moe").config
+    if case == "config-r":
+        _edit(folder, config={"r": 8})
+    elif case == "expert-rank-pattern":
+        _edit(folder, config={"rank_pattern": {r"experts\.\w+": 2}})
+    elif case == "expert-B-cut":
+        _edit(folder, tensors=lambda t: t.__setitem__(key.format("B"), t[key.format("B")][:, :12].contiguous()))
+    elif case == "expert-A-ragged":
+        _edit(folder, tensors=lambda t: t.__setitem__(key.format("A"), t[key.format("A")][:13].contiguous()))
+    else:
+        model = tiny_moe("qwen3_moe", moe_intermediate_size=24).config
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf_adapter(folder, tmp_path / "a.gguf", model=model)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_adapter_export_refuses_routing_llama_cpp_computes_differently(tmp_path):
+    folder = _saved_moe(tmp_path)
+    with pytest.raises(GGUFExportError, match="norm_topk_prob=False: llama.cpp's qwen3moe model always"):
+        export_gguf_adapter(folder, tmp_path / "a.gguf", model=tiny_moe("qwen3_moe", norm_topk_prob=False).config)
+
+
+@pytest.mark.realmodel
+def test_cli_merges_a_moe_folder_with_a_gguf_tokenizer_and_refuses_a_moe_gguf_as_model(tmp_path, capsys,
+                                                                                         tokenizer_gguf):
+    model = tiny_moe("qwen3_moe", vocab_size=49152)
+    model.save_pretrained(tmp_path / "base")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all"))
+    randomize_lora(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    capsys.readouterr()
+    base_args = ["export", str(tmp_path / "ad"), "--model", str(tmp_path / "base"), "--merged"]
+    code, out, err = run([*base_args, "--source-gguf", str(tokenizer_gguf), "--outtype", "f32",
+                          "--out", str(tmp_path / "m.gguf")], capsys)
+    assert code == 0, err
+    meta, tensors = read(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "qwen3moe" and meta["qwen3moe.expert_count"] == 4
+    merged = dict(lora_layers(model))["model.layers.1.mlp.experts"].merged_weight(["default"], "gate_up_proj")
+    np.testing.assert_array_equal(tensors["blk.1.ffn_up_exps.weight"], merged[:, 16:].detach().double().numpy())
+    # the merged model's GGUF cannot come back through transformers (it would read another model): refused by name
+    code, out, err = run(["export", str(tmp_path / "ad"), "--model", str(tmp_path / "m.gguf"), "--merged",
+                          "--out", str(tmp_path / "again.gguf")], capsys)
+    assert code == 2 and "is a mixture-of-experts GGUF (qwen3moe, 4 experts)" in err and err.count("\n") == 1
+    assert not (tmp_path / "again.gguf").exists()

@@ -241,7 +241,7 @@ def test_smollm2_greedy_generation_changes_where_lorakit_changes(smol):
     model, ids = smol["model"], smol["tokenizer"](STORY).input_ids
 
     @torch.no_grad()
-    def greedy(n=12):
+    def greedy(n=24):
         seq = list(ids)
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
@@ -252,12 +252,12 @@ def test_smollm2_greedy_generation_changes_where_lorakit_changes(smol):
         ours_base = greedy()
     first = next(i for i, (a, b) in enumerate(zip(ours, ours_base)) if a != b)  # the adapter changes the story
     with LlamaCpp(smol["gguf"]) as llm:
-        theirs_base = llm.greedy(ids, 12)
+        theirs_base = llm.greedy(ids, 24)
     with LlamaCpp(smol["gguf"], smol["folder"] / "adapter.gguf") as llm:
-        theirs = llm.greedy(ids, 12)
+        theirs = llm.greedy(ids, 24)
     assert theirs_base[: first + 1] == ours_base[: first + 1] and theirs[: first + 1] == ours[: first + 1]
     with LlamaCpp(smol["folder"] / "base-f32.gguf", smol["folder"] / "adapter.gguf", kv_f32=True) as llm:
-        assert llm.greedy(ids, 12) == ours  # on the float32 base, every token
+        assert llm.greedy(ids, 24) == ours  # on the float32 base, every token
 
 
 @pytest.mark.realmodel

@@ -137,8 +137,7 @@ def test_a_run_shorter_than_the_presets_warmup_gets_the_presets_share_of_it(tmp_
     base = preset("sentiment")  # 4 warmup steps of 40
     said: list[str] = []
     short = load_recipe(None, {"steps": 2}, log=said.append)
-    assert short.warmup_steps == round(base.warmup_steps * 2 / base.steps) == 0
-    assert any("warmup_steps 0" in m and "--warmup-steps sets it" in m for m in said)
+    assert short.warmup_steps == round(base.warmup_steps * 2 / base.steps) == 0 and said == []
     assert load_recipe("sentiment-minilm", {"steps": 8}).warmup_steps == 0  # 10 of 250: 0.32 of a step
     said.clear()
     equal = load_recipe(None, {"steps": base.warmup_steps}, log=said.append)  # reaches lr on its last step

@@ -164,3 +164,20 @@ def test_cli_verify_exit_codes(tmp_path, capsys):
     assert code == 1 and data["ok"] is False and data["problems"][0].startswith("no-op adapter")
     code, out, err = run(["verify", str(tmp_path / "nope"), "--model", str(tmp_path / "base")], capsys)
     assert code == 2 and out == "" and err.startswith("lorakit verify: error: ") and err.count("\n") == 1
+
+
+def test_cli_verify_a_moe_folder_without_tokenizer_files_uses_the_probe_tokens(tmp_path, capsys):
+    import transformers
+
+    def qwen3_moe():
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=40, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2))
+
+    qwen3_moe().save_pretrained(tmp_path / "base")  # config and weights only: its tokenizer class loads empty
+    good = saved(tmp_path, qwen3_moe(), lk.LoraConfig(r=4, alpha=8, target_modules="all"), name="good")
+    capsys.readouterr()
+    code, out, err = run(["verify", str(good), "--model", str(tmp_path / "base"), "--no-peft"], capsys)
+    assert code == 0, out + err
+    assert out.splitlines()[0] == f"lorakit verify {good}: OK"

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -279,6 +280,13 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", help="an adapter folder or a run folder (omit: environment, models, recipes)")
 
 
+def _listed(names, what: str) -> str:
+    """A target list for one line: itself when short (or a preset / regex string), else its count and first three."""
+    if names is None or isinstance(names, str) or len(names) <= 6:
+        return str(names)
+    return f"{len(names)} {what} ({', '.join(names[:3])}, ...)"
+
+
 def _info(args: argparse.Namespace) -> int:
 
     if args.path is None:
@@ -301,10 +309,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  r={cfg.r} alpha={cfg.alpha} scaling={'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'} "
           f"dropout={cfg.dropout}"
           f"{' DoRA' if cfg.use_dora else ''}")
-    names = cfg.target_modules
-    targets = names if isinstance(names,
-                                  str) or len(names) <= 6 else f"{len(names)} modules ({', '.join(names[:3])}, ...)"
-    print(f"  target modules: {targets}; modules_to_save: {cfg.modules_to_save}")
+    print(f"  target modules: {_listed(cfg.target_modules, 'modules')}; modules_to_save: {cfg.modules_to_save}")
+    if cfg.target_parameters:
+        print(f"  target parameters: {_listed(cfg.target_parameters, 'expert weights')}")
     print(f"  {len(files.tensors)} tensors, {n:,} parameters, {size:,} bytes")
 
     info = read_train_info(path)
@@ -409,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         _restart_with_passive_openmp(args.command)
 
     debug = getattr(args, "debug", False)
+    if from_shell and not debug:  # a library warning is one line of the command's output, not a source listing
+        warnings.showwarning = lambda message, *_rest, **_kw: print(f"lorakit {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
     try:
         return int(args._run(args) or 0)
     except ModuleNotFoundError as exc:

@@ -34,7 +34,8 @@ from ..config import matches
 from ..io import PREFIX, adapter_state_dict, config_for_file, read_adapter, resolve_adapter
 from ..layers.experts import EXPERT_WEIGHTS, LoraExperts
 from ..state import has_adapters, unwrap
-from .arch import ADAPTABLE, GGUFArch, GGUFExportError, expert_parts, field_value, open_reader
+from .arch import ADAPTABLE, GGUFArch, GGUFExportError, check_routing, expert_parts, field_value, open_reader
+from .merged import tensor_shapes
 from .writer import Value, check_outtype, encode, write_gguf
 from ..variants.pissa import is_weight_init
 
@@ -156,8 +157,10 @@ def _adapter_source(adapter, adapter_name):
     return files.config, files.tensors, None
 
 
-def _base_info(model, base_gguf) -> tuple[GGUFArch, dict[str, tuple[int, ...]] | None]:
-    """The architecture facts, and the base GGUF's tensor shapes (numpy order) when a file is given."""
+def _base_info(model, base_gguf) -> tuple[GGUFArch, dict[str, tuple[int, ...]]]:
+    """The architecture facts, and the base's tensor shapes (numpy order): the GGUF file's when one is given,
+    else those of the model's config (`tensor_shapes`). A model whose routing llama.cpp computes
+    differently is refused (`check_routing`): the adapter would not do there what it does here."""
     from_model = None
     if model is not None:
         config = getattr(unwrap(model), "config", None) if isinstance(model, nn.Module) else model
@@ -165,10 +168,11 @@ def _base_info(model, base_gguf) -> tuple[GGUFArch, dict[str, tuple[int, ...]] |
             raise GGUFExportError(f"{type(model).__name__} has no transformers config; pass base_gguf (the base "
                                   "model's GGUF file)")
         from_model = GGUFArch.from_config(config)
+        check_routing(from_model, config)
     if base_gguf is None:
         if from_model is None:
             raise GGUFExportError("the base model is unknown: pass model (the base model or its config) or base_gguf")
-        return from_model, None
+        return from_model, tensor_shapes(from_model, config)
     reader = open_reader(base_gguf)
     if field_value(reader, "general.type", "model") != "model":
         raise GGUFExportError(f"{base_gguf} is a GGUF {field_value(reader, 'general.type')!r} file, not a model")
@@ -209,10 +213,23 @@ def _pairs(config, tensors: dict[str, torch.Tensor], n_expert: int) -> list[_Pai
         a_key, b_key = _EMBEDDING if embedding else _LINEAR
         if a_key not in parts or b_key not in parts:
             raise GGUFExportError(f"{path}: the adapter has only one of {a_key} and {b_key}")
+        _check_rank(config, path, parts[a_key], parts[b_key])
         pairs.append(_Pair(path, parts[a_key], parts[b_key], embedding, config.scaling_for(path)))
     if not pairs:
         raise GGUFExportError("the adapter has no LoRA tensors")
     return pairs
+
+
+def _check_rank(config, path: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """A and B form one pair of the rank the config gives (`r`, `rank_pattern`; per-slice adapters are stored
+    dense, rank `r * k`): the scaling written into the file is computed from the config's rank."""
+    r = A.shape[-2]
+    if B.shape[-1] != r or A.shape[:-2] != B.shape[:-2]:
+        raise GGUFExportError(f"{path}: A {tuple(A.shape)} and B {tuple(B.shape)} do not form one low-rank pair")
+    slices = config.slices_for(path)
+    want = config.rank_for(path) * (sum(slices[1]) if slices else 1)
+    if r != want:
+        raise GGUFExportError(f"{path}: rank {r} in the tensors, {want} in adapter_config.json (r / rank_pattern)")
 
 
 def _expert_tensors(config, tensors: dict[str, torch.Tensor], n_expert: int) -> dict[str, torch.Tensor]:
@@ -237,6 +254,9 @@ def _expert_tensors(config, tensors: dict[str, torch.Tensor], n_expert: int) -> 
         if weight is None:
             raise GGUFExportError(f"{path}: tensor {key!r} nests deeper than the {len(adapted)} adapted expert weights")
         attr = "lora_A" if key.endswith(_LINEAR[0]) else "lora_B"
+        if tensor.dim() != 2 or tensor.shape[0 if attr == "lora_A" else 1] % n_expert:
+            raise GGUFExportError(f"{path}: {attr} of {weight} has shape {tuple(tensor.shape)}, not a stack of "
+                                  f"{n_expert} experts' factors")
         out[f"{path}.{weight}.{attr}.weight"] = LoraExperts.from_file(attr, tensor, n_expert)
     return out
 
@@ -268,14 +288,13 @@ def _gguf_name(arch: GGUFArch, pair: _Pair, base_shapes) -> str:
     if arch.tied_head and kind in ("token_embd", "output"):
         raise GGUFExportError(f"{pair.path}: the output head shares the token embedding in this model, and llama.cpp "
                               "would apply this LoRA to both; export the merged model instead (--merged)")
-    if base_shapes is not None:
-        if name not in base_shapes:
-            raise GGUFExportError(f"{pair.path}: the base GGUF has no tensor {name!r} (a different base model?)")
-        shape = base_shapes[name]  # numpy order: (out, in); the embedding: (num_embeddings, dim); experts (e, out, in)
-        want = (pair.A.shape[1], pair.B.shape[0]) if pair.embedding else (*pair.B.shape[:-1], pair.A.shape[-1])
-        if tuple(shape) != tuple(want):
-            raise GGUFExportError(f"{pair.path}: the adapter fits a weight of shape {want}, but the base GGUF's "
-                                  f"{name} has shape {tuple(shape)} (a different base model?)")
+    if name not in base_shapes:
+        raise GGUFExportError(f"{pair.path}: the base model has no tensor {name!r} (a different base model?)")
+    shape = base_shapes[name]  # numpy order: (out, in); the embedding: (num_embeddings, dim); experts (e, out, in)
+    want = (pair.A.shape[1], pair.B.shape[0]) if pair.embedding else (*pair.B.shape[:-1], pair.A.shape[-1])
+    if tuple(shape) != tuple(want):
+        raise GGUFExportError(f"{pair.path}: the adapter fits a weight of shape {want}, but the base model's "
+                              f"{name} has shape {tuple(shape)} (a different base model?)")
     return name
 
 

@@ -144,10 +144,11 @@ def check_routing(arch: GGUFArch, config) -> None:
         raise GGUFExportError(f"norm_topk_prob={normalised}: llama.cpp's {arch.arch} model "
                               f"{'always' if NORMALISED_TOP_K[arch.arch] else 'never'} renormalises the top-k routing "
                               "weights, so it would compute another model")
-    dense = getattr(config, "mlp_only_layers", None) or []
-    if dense or getattr(config, "decoder_sparse_step", 1) != 1:
-        raise GGUFExportError(f"layers {list(dense)} (decoder_sparse_step {getattr(config, 'decoder_sparse_step', 1)}) "
-                              f"are dense: llama.cpp's {arch.arch} model has experts in every layer")
+    step, only = getattr(config, "decoder_sparse_step", 1) or 1, set(getattr(config, "mlp_only_layers", None) or [])
+    dense = [i for i in range(arch.n_layer) if i in only or (i + 1) % step]  # transformers' rule for Qwen-MoE
+    if dense:
+        raise GGUFExportError(f"layers {dense} are dense (mlp_only_layers {sorted(only)}, decoder_sparse_step {step}): "
+                              f"llama.cpp's {arch.arch} model has experts in every layer")
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         raise GGUFExportError(f"sliding_window={config.sliding_window}: llama.cpp's {arch.arch} model attends to the "
                               "whole context")

@@ -1,4 +1,4 @@
-"""`lorakit export ADAPTER --format gguf --out FILE.gguf [--model M] [--merged] [--outtype T]`.
+"""`lorakit export ADAPTER --format gguf --out FILE.gguf [--model M] [--merged [--source-gguf F]] [--outtype T]`.
 
 Without `--merged`: the adapter as a llama.cpp LoRA adapter file, to load on top of the base
 model's GGUF (`llama-cli -m BASE.gguf --lora FILE.gguf`). With `--merged`: the base model with
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: built-in name (smollm2), HF model folder, or .gguf file "
                              "(default: the model the adapter was trained on)")
     parser.add_argument("--merged", action="store_true", help="write the merged model (a complete GGUF model file)")
+    parser.add_argument("--source-gguf", default=None, metavar="FILE.gguf",
+                        help="with --merged and an HF folder as --model: the GGUF file whose tokenizer and chat "
+                             "template the merged file carries (default: --model's own GGUF file)")
     parser.add_argument("--outtype", default=None, choices=("f32", "f16", "bf16", "q8_0"),
                         help="tensor type: adapter f32 (default), f16, bf16; merged f16 (default), bf16, q8_0, f32")
 
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if args.merged:
         return _merged(args, base, out)
 
+    if args.source_gguf:
+        raise GGUFExportError("--source-gguf is for --merged (an adapter file carries no tokenizer)")
     if args.outtype == "q8_0":
         raise GGUFExportError("--outtype q8_0 is for --merged; an adapter is written as f32, f16 or bf16")
     model = None if base.gguf is not None else _config(base)
@@ -131,15 +136,15 @@ def _config(base: Base):
 
 
 def _merged(args: argparse.Namespace, base: Base, out: Path) -> int:
-
-
-    if base.gguf is None:
-        raise GGUFExportError("--merged needs the base model's GGUF file for its tokenizer and chat template; "
-                              f"{base.spec} has none "
-                              "(pass --model FILE.gguf)")
+    source = Path(args.source_gguf) if args.source_gguf else base.gguf
+    if source is None:
+        raise GGUFExportError("--merged needs a GGUF file for the tokenizer and chat template; "
+                              f"{base.spec} has none (pass --source-gguf FILE.gguf, or --model FILE.gguf)")
+    if not source.is_file():
+        raise GGUFExportError(f"--source-gguf {source} does not exist")
     model, _ = load_base_model(base)
     load_adapter(model, args.adapter, trainable=False)
-    result = export_gguf_merged(model, out, source_gguf=base.gguf, outtype=args.outtype or "f16")
+    result = export_gguf_merged(model, out, source_gguf=source, outtype=args.outtype or "f16")
     print(f"wrote {out}: {result.n_tensors} tensors ({result.outtype}), {len(result.merged)} with the adapter merged "
           "in")
     print(f"run it: llama-cli -m {out}")

@@ -98,6 +98,27 @@ def export_gguf_merged(model: nn.Module, out_file: str | Path, *, source_gguf: s
     return MergedExport(Path(out_file), outtype, len(tensors), merged, source)
 
 
+def tensor_shapes(arch: GGUFArch, config) -> dict[str, tuple[int, ...]]:
+    """llama.cpp tensor name -> shape (numpy order) of the model `config` describes, as `export_gguf_merged`
+    would write it: what an adapter is checked against when no GGUF file of the base is given. The model is
+    built on the meta device (no memory, no values)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GGUFExportError(f"cannot build a {config.model_type} model from its config: {exc}") from None
+    shapes = {}
+    for hf_name, p, conv1d, _ in plain_parameters(model):
+        shape = tuple(reversed(p.shape)) if conv1d and p.dim() == 2 else tuple(p.shape)
+        for part, rows in expert_parts(hf_name, np.broadcast_to(np.float32(0), shape)):  # views: no memory
+            name = arch.tensor_name(part)
+            if name is not None:
+                shapes[name] = rows.shape
+    return shapes
+
+
 def plain_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor, bool, list[str]]]:
     """`(name, tensor, from a Conv1D, adapters folded in)` for every parameter of `model` as the plain
     base architecture would name it, active adapters merged (computed, not written into the model).
@@ -225,4 +246,4 @@ def _hparams(arch: GGUFArch, config) -> list[Value]:
     return [Value(f"{a}.{k}", v, t) for k, v, t in pairs]
 
 
-__all__ = ["export_gguf_merged", "MergedExport", "plain_parameters"]
+__all__ = ["export_gguf_merged", "MergedExport", "plain_parameters", "tensor_shapes"]

@@ -114,6 +114,7 @@ def converted_gguf(gguf: Path, log=None) -> Path:
     target = cache_root() / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
+    _check_convertible(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if log:
@@ -122,8 +123,12 @@ def converted_gguf(gguf: Path, log=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            except (ValueError, RuntimeError, KeyError) as exc:  # transformers' GGUF reader refusing the file
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelLoadError(f"transformers cannot convert {gguf}: {first}") from None
         # The weights are plain floats now; save_pretrained refuses while these are set.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -143,6 +148,24 @@ def converted_gguf(gguf: Path, log=None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_convertible(gguf: Path) -> None:
+    """Refuse a mixture-of-experts GGUF before converting it: transformers' GGUF reader reads Mixtral's as a dense
+    Llama whose MLP weights stay random (a silently different model) and other MoE architectures not at all."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(gguf).fields
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{gguf} is not a readable GGUF file ({exc})") from None
+    arch = fields.get("general.architecture")
+    arch = arch.contents() if arch is not None else None
+    experts = fields.get(f"{arch}.expert_count")
+    if experts is not None and int(experts.contents()) > 0:
+        raise ModelLoadError(f"{gguf} is a mixture-of-experts GGUF ({arch}, {int(experts.contents())} experts), which "
+                             "transformers cannot load faithfully: use the model's Hugging Face folder instead (for "
+                             "lorakit export --merged: --model FOLDER --source-gguf FILE.gguf)")
 
 
 def model_folder(source: ModelSource, log=None) -> Path:

@@ -432,7 +432,8 @@ def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | No
 
 def _fit_warmup(recipe: Recipe, base: Recipe, given: bool, log: Callable[[str], None]) -> Recipe:
     """A run shorter than its warmup never reaches its learning rate: the preset's warmup is cut to the
-    preset's share of the new `steps`; a warmup the user gave is kept, with a warning."""
+    preset's share of the new `steps` (quietly: a default adapting to the run, shown in the report); a warmup
+    the user gave is kept, with a warning."""
     if recipe.warmup_steps <= recipe.steps:  # (s + 1) / warmup reaches 1 on step s = warmup - 1
         return recipe
     peak = recipe.steps / recipe.warmup_steps
@@ -440,10 +441,7 @@ def _fit_warmup(recipe: Recipe, base: Recipe, given: bool, log: Callable[[str], 
         log(f"warning: warmup_steps {recipe.warmup_steps} > steps {recipe.steps}: the learning rate peaks at "
             f"{peak:.0%} of lr {recipe.lr:g} on the last step")
         return recipe
-    warmup = round(base.warmup_steps * recipe.steps / base.steps)
-    log(f"warmup_steps {warmup}: the {base.name!r} recipe's {base.warmup_steps} is longer than steps "
-        f"{recipe.steps}; cut to its share of the run ({base.warmup_steps}/{base.steps}); --warmup-steps sets it")
-    return apply(recipe, {"warmup_steps": warmup})
+    return apply(recipe, {"warmup_steps": round(base.warmup_steps * recipe.steps / base.steps)})  # the report shows it
 
 
 BUILTIN_DATA = ("rotten-tomatoes", "chatterbot", "hamlet")

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     read_adapter(args.adapter)  # a missing or unreadable folder is bad input: before loading any model
     base = find_base(args.adapter, args.model)
     model, tokenizer = load_base_model(base)
-    ids = tokenizer(args.prompt,
-                    return_tensors="pt").input_ids if tokenizer is not None else None  # else fixed probe tokens
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids if tokenizer is not None else None
+    if ids is not None and ids.numel() == 0:  # a folder without tokenizer files loads an empty vocabulary
+        ids = None
+    # ids None: verify's fixed probe tokens
     report = verify(model, args.adapter, input_ids=ids, base_gguf=base.gguf,
                     peft=not args.no_peft, llama_cpp=not args.no_llama_cpp)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
