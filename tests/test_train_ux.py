@@ -230,15 +230,12 @@ def test_eval_on_another_file_refuses_labels_the_run_never_learned(finished, tin
     assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(renamed)]) == 2
     line = _one_error_line(capsys, "eval")
     assert "'bad', 'good' were not trained" in line and "'negative', 'positive'" in line
-    # a subset of three trained labels (a file needs two): scored, with a warning
-    from lorakit.train.saved import _check_labels
-
-    said = []
-    _check_labels(["a", "b", "c"], ["a", "c"], "f.jsonl", said.append)
-    assert len(said) == 1 and "f.jsonl has no example labelled 'b'" in said[0] and "among 'a', 'c' only" in said[0]
-    _check_labels(["a", "b"], ["b", "a"], "f.jsonl", said.append)  # the same set: nothing to say
-    _check_labels(None, ["x", "y"], "f.jsonl", said.append)  # no record of the trained labels
-    assert len(said) == 1
+    # two rows of one label: scored as they are, the answer chosen among both trained labels
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["label"] == "positive"][:2]))
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data", str(few), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "all" and result["metrics"]["n"] == 2
 
 
 def test_a_classification_head_run_merges_without_its_data(tiny, tmp_path, capsys):

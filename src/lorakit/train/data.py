@@ -202,8 +202,10 @@ def _require_fields(path: str, rows: list[dict[str, Any]], fields: list[tuple[st
                             f"{', '.join(map(str, present))}")
 
 
-def classification_file(path: str, text_field: str, label_field: str, encoding: str = "utf-8") -> Dataset:
-    """A user classification file: `text_field` -> `text`, `label_field` -> `label`.
+def classification_file(path: str, text_field: str, label_field: str, encoding: str = "utf-8",
+                        whole: bool = False) -> Dataset:
+    """A user classification file: `text_field` -> `text`, `label_field` -> `label`. `whole`: the file is
+    scored as it is (`lorakit eval --data`), so one row and one label are enough.
 
     Raises:
         DataError: a field missing from the data, or a label that is not a string or an integer
@@ -232,15 +234,17 @@ def classification_file(path: str, text_field: str, label_field: str, encoding: 
     kinds = {type(e["label"]) for e in examples}
     if len(kinds) > 1:
         raise DataError(f"{path}: label field {label_field!r} mixes strings and integers; use one kind")
-    _enough(path, examples)
-    if len({e["label"] for e in examples}) < 2:
+    _enough(path, examples, whole)
+    if not whole and len({e["label"] for e in examples}) < 2:
         raise DataError(f"{path}: label field {label_field!r} has a single value; classification needs at least two "
                         "labels")
     return Dataset(str(path), "classification", examples, skipped)
 
 
-def instruction_file(path: str, prompt_field: str, response_field: str, encoding: str = "utf-8") -> Dataset:
-    """A user instruction file: `prompt_field` -> `prompt`, `response_field` -> `response`.
+def instruction_file(path: str, prompt_field: str, response_field: str, encoding: str = "utf-8",
+                     whole: bool = False) -> Dataset:
+    """A user instruction file: `prompt_field` -> `prompt`, `response_field` -> `response` (`whole`: as
+    `classification_file`).
 
     Raises:
         DataError: a field missing from the data, or no usable rows.
@@ -254,17 +258,19 @@ def instruction_file(path: str, prompt_field: str, response_field: str, encoding
             skipped += 1
             continue
         examples.append({"prompt": str(p), "response": str(r)})
-    _enough(path, examples)
+    _enough(path, examples, whole)
     return Dataset(str(path), "instruction", examples, skipped)
 
 
-def _enough(path: str, examples: list) -> None:
-    if len(examples) < 3:
+def _enough(path: str, examples: list, whole: bool = False) -> None:
+    if whole and not examples:
+        raise DataError(f"{path}: no usable rows to evaluate")
+    if not whole and len(examples) < 3:
         raise DataError(f"{path}: {len(examples)} usable rows; need at least 3 (train, validation and test)")
 
 
-def load_dataset(recipe) -> Dataset:
-    """The data a recipe names, checked against its task.
+def load_dataset(recipe, whole: bool = False) -> Dataset:
+    """The data a recipe names, checked against its task (`whole`: to be scored as it is, not split).
 
     Raises:
         DataError: see `read_records`, `classification_file`, `instruction_file`; or data of the
@@ -274,9 +280,9 @@ def load_dataset(recipe) -> Dataset:
     if recipe.data in BUILTIN_DATA:
         ds = rotten_tomatoes() if recipe.data == "rotten-tomatoes" else chatterbot()
     elif wanted == "classification":
-        ds = classification_file(recipe.data, recipe.text_field, recipe.label_field, recipe.encoding)
+        ds = classification_file(recipe.data, recipe.text_field, recipe.label_field, recipe.encoding, whole)
     else:
-        ds = instruction_file(recipe.data, recipe.prompt_field, recipe.response_field, recipe.encoding)
+        ds = instruction_file(recipe.data, recipe.prompt_field, recipe.response_field, recipe.encoding, whole)
     if ds.kind != wanted:
         raise DataError(f"data {recipe.data!r} is {ds.kind} data, but task {recipe.task!r} needs {wanted} data")
     return ds

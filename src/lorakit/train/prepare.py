@@ -36,17 +36,24 @@ def stderr_log(msg: str) -> None:
     print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
 
 
-def load_data(recipe: Recipe) -> data_mod.Dataset:
-    """The data `recipe` names, checked (for the text task: its documents, before they become blocks)."""
+def load_data(recipe: Recipe, whole: bool = False) -> data_mod.Dataset:
+    """The data `recipe` names, checked (for the text task: its documents, before they become blocks;
+    `whole`: to be scored as it is, see `data.load_dataset`)."""
     if recipe.task == "text":
         return document_dataset(recipe.data, recipe.text_field)
-    return data_mod.load_dataset(recipe)
+    return data_mod.load_dataset(recipe, whole)
 
 
 def load_held_out(recipe: Recipe) -> dict[str, data_mod.Dataset]:
     """The files `recipe.test_data` / `recipe.val_data` name (same task and fields as `data`), checked."""
     files = {"test": recipe.test_data, "val": recipe.val_data}
     return {split: data_mod.load_dataset(recipe.replace(data=path)) for split, path in files.items() if path}
+
+
+def _typed_labels(recorded: list[str], examples: list[dict[str, Any]]) -> list[Any]:
+    """Recorded labels (strings) as the data writes its labels: integers for integer-labelled data."""
+    ints = any(isinstance(e.get("label"), int) for e in examples)
+    return [int(x) if ints and x.lstrip("-").isdigit() else x for x in recorded]
 
 
 def make_task(recipe: Recipe, tokenizer, examples) -> Task:
@@ -77,16 +84,18 @@ class Prepared:
 
     def __init__(self, recipe: Recipe, log: Callable[[str], None] = stderr_log, *, threads: int | None = None,
                  device: tuple[torch.device, torch.dtype | None] | None = None, correct: bool = False,
-                 whole: bool = False):
+                 whole: bool = False, labels: list[str] | None = None):
         """`correct`: with `quantize: nf4` and `qera_rank > 0`, pin the frozen QERA correction (training
         needs it; a saved adapter already holds it). `whole`: the caller scores every example of the data
-        (`lorakit eval --data FILE`), so the train/val/test split is not reported."""
+        (`lorakit eval --data FILE`): no train/val/test split, and one example is enough. `labels`: the
+        label set a saved run was trained with (`lorakit_train.json`), so that answers and head rows are
+        chosen among those, whatever labels the data at hand holds."""
         self.recipe = recipe
         self.threads = set_threads(threads if threads is not None else recipe.threads)
         self.device, self.dtype = device if device is not None else resolve_device(recipe.device, recipe.precision)
         self.source = resolve_model(recipe.model)  # bad input fails here, before the slow model load
         self.config = lora_config_for(recipe, self.source.name)  # the run's one LoraConfig
-        data = load_data(recipe)  # bad data fails here too (the text task's blocks need the tokenizer)
+        data = load_data(recipe, whole)  # bad data fails here too (the text task's blocks need the tokenizer)
         self.held_out = load_held_out(recipe)  # --test-data / --val-data: used whole
         if data.skipped:
             log(f"skipped {data.skipped} rows with an empty text/prompt/response")
@@ -104,8 +113,9 @@ class Prepared:
             raise RecipeError(f"recipe field 'max_length' is {recipe.max_length}, beyond the model's {limit} positions")
         self.model.to(self.device)
         self.dataset = block_dataset(data, self.tokenizer, recipe.max_length) if recipe.task == "text" else data
-        self.splits = self._split(log if not whole else lambda _message: None)
+        self.splits = data_mod.Splits(self.dataset.examples, [], []) if whole else self._split(log)
         every = self.dataset.examples + [e for ds in self.held_out.values() for e in ds.examples]
+        every += [{"label": label} for label in _typed_labels(labels or [], every)]  # the trained label set
         self.task = make_task(recipe, self.tokenizer, every)  # the label set of every file
         # what the training stream draws batches from: examples, or packed rows of examples
         self.train_items = self._packed_rows() if recipe.packing else self.splits.train

@@ -74,8 +74,9 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
     if current_sha not in (None, recorded_sha):  # the file is hashed once
         log(f"warning: data {recipe.data} changed since the run was trained (sha256 {recorded_sha[:12]}... then, "
             f"{current_sha[:12]}... now)")
-    prep = Prepared(recipe, log, whole=split == "all")
-    _check_labels((info or {}).get("task", {}).get("labels"), prep.task.describe().get("labels"), recipe.data, log)
+    trained = (info or {}).get("task", {}).get("labels")
+    prep = Prepared(recipe, log, whole=split == "all", labels=trained)
+    _check_labels(trained, prep.task.describe().get("labels"), recipe.data, log)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
     examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
@@ -96,18 +97,14 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
 
 def _check_labels(trained: list[str] | None, now: list[str] | None, data: str, log: Callable[[str], None]) -> None:
     """The evaluation data's labels against the trained run's: the answers (or head rows) are chosen among the
-    data's labels, so a label the run never learned makes the score meaningless (DataError naming it), and a
-    label missing from the data narrows the choice (warning: the accuracy is not comparable)."""
+    trained labels (`Prepared(labels=...)`, whatever subset the data holds), so a label the run never learned
+    makes the score meaningless (DataError naming it)."""
     if not trained or not now:
         return
     unknown = sorted(set(now) - set(trained))
     if unknown:
         raise DataError(f"data {data}: label(s) {', '.join(map(repr, unknown))} were not trained; the adapter was "
                         f"trained on {', '.join(map(repr, trained))}. Relabel the file with those values")
-    missing = sorted(set(trained) - set(now))
-    if missing:
-        log(f"warning: data {data} has no example labelled {', '.join(map(repr, missing))}: the answers are chosen "
-            f"among {', '.join(map(repr, now))} only, so the accuracy is not comparable with the trained run's")
 
 
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Review: a fine film.\nSentiment:")
