@@ -485,10 +485,15 @@ def _edit(folder, config=None, tensors=None):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("config-r", r"rank 4 in the tensors, 8 in adapter_config.json"),
-    ("expert-rank-pattern", r"experts.gate_up_proj: rank 4 in the tensors, 2 in adapter_config.json"),
-    ("expert-B-cut", r"experts.gate_up_proj: A \(4, 4, 32\) and B \(4, 32, 3\) do not form one low-rank pair"),
-    ("expert-A-ragged", r"lora_A of gate_up_proj has shape \(13, 32\), not a stack of 4 experts"),
+    ("config-r", r"lora_A \(16, 32\) is not 4 experts x rank 8: .* or of rank 4 \(adapter_config.json's r"),
+    ("expert-rank-pattern", r"experts.gate_up_proj: lora_A \(16, 32\) is not 4 experts x rank 2: the adapter was "
+                            r"made for 8 experts \(the base model has 4\) or of rank 4 \(adapter_config.json's r / "
+                            r"rank_pattern say 2\)"),
+    ("expert-B-cut", r"experts.gate_up_proj: lora_B \(32, 12\) is not 4 experts x rank 4: the adapter was made for "
+                     r"3 experts .* or of rank 3"),
+    ("expert-A-ragged", r"experts.gate_up_proj: lora_A \(13, 32\) is not 4 experts x rank 4$"),
+    ("more-experts", r"lora_A \(16, 32\) is not 8 experts x rank 4: the adapter was made for 4 experts \(the base "
+                     r"model has 8\)"),
     ("another-model", r"the adapter fits a weight of shape .* but the base model's .* has shape"),
 ])
 def test_folder_export_checks_the_tensors_against_the_config_and_the_model(tmp_path, case, match):
@@ -503,6 +508,8 @@ def test_folder_export_checks_the_tensors_against_the_config_and_the_model(tmp_p
         _edit(folder, tensors=lambda t: t.__setitem__(key.format("B"), t[key.format("B")][:, :12].contiguous()))
     elif case == "expert-A-ragged":
         _edit(folder, tensors=lambda t: t.__setitem__(key.format("A"), t[key.format("A")][:13].contiguous()))
+    elif case == "more-experts":
+        model = tiny_moe("qwen3_moe", num_experts=8).config
     else:
         model = tiny_moe("qwen3_moe", moe_intermediate_size=24).config
     with pytest.raises(GGUFExportError, match=match):
@@ -538,3 +545,11 @@ def test_cli_merges_a_moe_folder_with_a_gguf_tokenizer_and_refuses_a_moe_gguf_as
                           "--out", str(tmp_path / "again.gguf")], capsys)
     assert code == 2 and "is a mixture-of-experts GGUF (qwen3moe, 4 experts)" in err and err.count("\n") == 1
     assert not (tmp_path / "again.gguf").exists()
+
+
+def test_a_dense_adapter_whose_json_rank_disagrees_with_its_tensors_is_refused(tmp_path):
+    model = adapted_llama(lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad")
+    _edit(tmp_path / "ad", config={"r": 8})  # llama.cpp would load it with alpha / 4 where lorakit means alpha / 8
+    with pytest.raises(GGUFExportError, match=r"q_proj: rank 4 in the tensors, 8 in adapter_config.json"):
+        export_gguf_adapter(tmp_path / "ad", tmp_path / "a.gguf", model=tiny_llama().config)

@@ -301,3 +301,19 @@ def test_readme_commands_write_files_that_llama_cpp_runs(smol, tmp_path, monkeyp
     for form in ("merged", "reloaded", "peft", "llama.cpp", "llama.cpp f32"):
         assert rows[form].split("  (")[0].rstrip().endswith("ok"), printed[2]
     assert printed[2].splitlines()[0].endswith(": OK") and "100.0%" in rows["attention"] and "100.0%" in rows["mlp"]
+
+
+def test_cli_verify_runs_a_moe_adapter_in_llama_cpp_on_the_base_gguf_given(tmp_path, source_gguf, capsys):
+    model = tiny_moe("qwen3_moe")
+    model.save_pretrained(tmp_path / "base")  # an HF folder: a mixture-of-experts GGUF cannot be --model
+    export_gguf_merged(model, tmp_path / "base.gguf", source_gguf=source_gguf, outtype="f32")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all"))
+    randomize_lora(model, std=0.1)
+    lk.save_adapter(model, tmp_path / "ad")
+    capsys.readouterr()
+    code = cli.main(["verify", str(tmp_path / "ad"), "--model", str(tmp_path / "base"), "--base-gguf",
+                     str(tmp_path / "base.gguf"), "--no-peft", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"], report
+    llama = [f for f in report["forms"] if f["form"].startswith("llama.cpp")]
+    assert llama and all(f.get("max_abs_diff") is not None for f in llama), llama

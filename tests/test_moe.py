@@ -523,6 +523,7 @@ def test_nested_file_keys_match_the_experts_module(tmp_path):
 DDP_SCRIPT = r'''
 import os, sys
 import torch
+torch.set_num_threads(1)  # two ranks on a shared 2-core machine (the test once ran past 300 s under load)
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel

@@ -254,11 +254,23 @@ def _expert_tensors(config, tensors: dict[str, torch.Tensor], n_expert: int) -> 
         if weight is None:
             raise GGUFExportError(f"{path}: tensor {key!r} nests deeper than the {len(adapted)} adapted expert weights")
         attr = "lora_A" if key.endswith(_LINEAR[0]) else "lora_B"
-        if tensor.dim() != 2 or tensor.shape[0 if attr == "lora_A" else 1] % n_expert:
-            raise GGUFExportError(f"{path}: {attr} of {weight} has shape {tuple(tensor.shape)}, not a stack of "
-                                  f"{n_expert} experts' factors")
+        _check_stack(path, weight, attr, tensor, n_expert, config.rank_for(f"{path}.{weight}"))
         out[f"{path}.{weight}.{attr}.weight"] = LoraExperts.from_file(attr, tensor, n_expert)
     return out
+
+
+def _check_stack(path: str, weight: str, attr: str, tensor: torch.Tensor, n_expert: int, r: int) -> None:
+    """A file's expert factor holds `n_expert` stacked rank-`r` factors: `(n_expert * r, in)` for A,
+    `(out, r * n_expert)` for B. The file alone cannot tell a wrong rank from a wrong expert count (both
+    multiply), so a mismatch names each reading that fits."""
+    stacked = tensor.shape[0 if attr == "lora_A" else 1] if tensor.dim() == 2 else -1
+    if stacked == n_expert * r:
+        return
+    readings = ([f"made for {stacked // r} experts (the base model has {n_expert})"] if stacked > 0 and not stacked % r
+                else []) + ([f"of rank {stacked // n_expert} (adapter_config.json's r / rank_pattern say {r})"]
+                            if stacked > 0 and not stacked % n_expert else [])
+    raise GGUFExportError(f"{path}.{weight}: {attr} {tuple(tensor.shape)} is not {n_expert} experts x rank {r}"
+                          + (f": the adapter was {' or '.join(readings)}" if readings else ""))
 
 
 def _split_gate_up(pairs: list[_Pair]) -> list[_Pair]:

@@ -111,7 +111,8 @@ def converted_gguf(gguf: Path, log=None) -> Path:
     folder and the first rename wins, so readers never see a partial folder.
     """
     digest = sha256_file(gguf)
-    target = cache_root() / f"{gguf.stem}-{digest[:16]}"
+    # "-v2": folders of earlier versions are not reused (they converted mixture-of-experts files unchecked)
+    target = cache_root() / f"{gguf.stem}-{digest[:16]}-v2"
     if (target / "config.json").is_file():
         return target
     _check_convertible(gguf)
