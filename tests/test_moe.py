@@ -521,9 +521,10 @@ def test_nested_file_keys_match_the_experts_module(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- DDP
 DDP_SCRIPT = r'''
-import os, sys
+import datetime, faulthandler, os, sys
 import torch
-torch.set_num_threads(1)  # two ranks on a shared 2-core machine (the test once ran past 300 s under load)
+torch.set_num_threads(1)  # two ranks on a shared 2-core machine
+faulthandler.dump_traceback_later(240, exit=True)  # a hang shows where it is (stderr) before the test's limit
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
@@ -550,8 +551,10 @@ def train(model, batches, forward):
 
 
 def worker(rank, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    faulthandler.dump_traceback_later(240, exit=True)
+    # a file rendezvous: no TCP port another test of the suite could take between picking and binding it
+    dist.init_process_group("gloo", init_method="file://" + out + "/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     model = adapted()
     ddp = DistributedDataParallel(model)  # no find_unused_parameters: every expert's pair gets a gradient
     batches = [ids(seed)[rank:rank + 1] for seed in (1, 2, 3)]
@@ -563,7 +566,7 @@ def worker(rank, out):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out = sys.argv[2]
+    out = sys.argv[1]
     mp.spawn(worker, args=(out,), nprocs=2)
     model = adapted()
     train(model, [ids(seed) for seed in (1, 2, 3)], lambda x: model(x, labels=x))
@@ -573,18 +576,14 @@ if __name__ == "__main__":
 
 def test_ddp_with_expert_adapters_trains_the_same_adapter_as_one_process(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     script = tmp_path / "ddp_moe.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
