@@ -553,3 +553,12 @@ def test_a_dense_adapter_whose_json_rank_disagrees_with_its_tensors_is_refused(t
     _edit(tmp_path / "ad", config={"r": 8})  # llama.cpp would load it with alpha / 4 where lorakit means alpha / 8
     with pytest.raises(GGUFExportError, match=r"q_proj: rank 4 in the tensors, 8 in adapter_config.json"):
         export_gguf_adapter(tmp_path / "ad", tmp_path / "a.gguf", model=tiny_llama().config)
+
+
+def test_export_says_when_the_json_was_edited_against_the_saved_config(tmp_path):
+    model = adapted_llama(lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad")
+    _edit(tmp_path / "ad", config={"lora_alpha": 16})  # the json is what counts (PEFT, vLLM), but say so
+    with pytest.warns(UserWarning, match=r"alpha=16.* in adapter_config.json, 8.* saved with the tensors\); exporting"):
+        result = export_gguf_adapter(tmp_path / "ad", tmp_path / "a.gguf", model=tiny_llama().config)
+    assert result.alpha == 16.0

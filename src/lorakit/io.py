@@ -251,6 +251,12 @@ def config_differences(files: AdapterFiles) -> str:
                      for n in fields)
 
 
+def warn_config_differences(files: AdapterFiles, differences: str, doing: str) -> None:
+    """Warn that the json was edited against the tensors (`config_differences`) and that it is what counts."""
+    warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors "
+                  f"({differences}); {doing} what the json says, as PEFT and vLLM do", stacklevel=4)
+
+
 def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):
     """Map every file key to the (module path, attribute) it loads into, checking shapes against the model.
 
@@ -366,9 +372,7 @@ def load_adapter(
                                    f"{exc}") from None
         raise
     if differences:
-        warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors "
-                      f"({differences}); "
-                      "loading what the json says, as PEFT and vLLM do", stacklevel=2)
+        warn_config_differences(files, differences, "loading")
 
     first = not has_adapters(inner)
     previous_active = () if first else get_state(inner).active

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..config import matches
-from ..io import PREFIX, adapter_state_dict, config_for_file, read_adapter, resolve_adapter
+from ..io import (PREFIX, adapter_state_dict, config_differences, config_for_file, read_adapter, resolve_adapter,
+                  warn_config_differences)
 from ..layers.experts import EXPERT_WEIGHTS, LoraExperts
 from ..state import has_adapters, unwrap
 from .arch import ADAPTABLE, GGUFArch, GGUFExportError, check_routing, expert_parts, field_value, open_reader
@@ -154,6 +155,9 @@ def _adapter_source(adapter, adapter_name):
     if adapter_name is not None:
         raise GGUFExportError("adapter_name applies to a model, not to an adapter folder")
     files = read_adapter(adapter)
+    differences = config_differences(files)
+    if differences:
+        warn_config_differences(files, differences, "exporting")
     return files.config, files.tensors, None
 
 
