@@ -251,10 +251,11 @@ def config_differences(files: AdapterFiles) -> str:
                      for n in fields)
 
 
-def warn_config_differences(files: AdapterFiles, differences: str, doing: str) -> None:
-    """Warn that the json was edited against the tensors (`config_differences`) and that it is what counts."""
+def warn_config_differences(files: AdapterFiles, differences: str, doing: str, stacklevel: int = 3) -> None:
+    """Warn that the json was edited against the tensors (`config_differences`) and that it is what counts;
+    `stacklevel` as `warnings.warn`'s, counted from here (3: the caller of the function calling this one)."""
     warnings.warn(f"{files.folder / CONFIG_NAME} differs from the config lorakit saved with the tensors "
-                  f"({differences}); {doing} what the json says, as PEFT and vLLM do", stacklevel=4)
+                  f"({differences}); {doing} what the json says, as PEFT and vLLM do", stacklevel=stacklevel)
 
 
 def _expected_tensors(model: nn.Module, files: AdapterFiles, adapter: str):

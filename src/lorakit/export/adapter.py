@@ -157,7 +157,7 @@ def _adapter_source(adapter, adapter_name):
     files = read_adapter(adapter)
     differences = config_differences(files)
     if differences:
-        warn_config_differences(files, differences, "exporting")
+        warn_config_differences(files, differences, "exporting", stacklevel=4)  # export_gguf_adapter's caller
     return files.config, files.tensors, None
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraError
+from ..layers.experts import EXPERT_WEIGHTS
 
 # transformers `model_type` -> llama.cpp architecture name (each tested against llama.cpp here)
 ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe",
@@ -157,18 +158,17 @@ def check_routing(arch: GGUFArch, config) -> None:
 def expert_parts(hf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """A parameter as llama.cpp stores it, `[(name to look up, array)]`: a 3-D expert weight
     `<experts>.down_proj` becomes `<experts>.down_proj.weight`, and `<experts>.gate_up_proj`
-    `(experts, 2 * ff, ...)` its halves along axis 1, `gate_proj` then `up_proj` (a LoRA `B`
-    `(experts, 2 * ff, r)` splits the same way); any other parameter is returned as it is."""
+    `(experts, 2 * ff, ...)` its halves along axis 1 (views, not copies), `gate_proj` then `up_proj` (a
+    LoRA `B` `(experts, 2 * ff, r)` splits the same way); any other parameter is returned as it is."""
     experts, _, param = hf_name.rpartition(".")
-    if array.ndim != 3 or param not in ("gate_up_proj", "up_proj", "down_proj"):
+    if array.ndim != 3 or param not in EXPERT_WEIGHTS:
         return [(hf_name, array)]
     if param != "gate_up_proj":
         return [(f"{hf_name}.weight", array)]
     if array.shape[1] % 2:
         raise GGUFExportError(f"{hf_name}: {array.shape[1]} rows do not split into gate and up halves")
-    gate, up = np.split(array, 2, axis=1)
-    return [(f"{experts}.gate_proj.weight", np.ascontiguousarray(gate)),
-            (f"{experts}.up_proj.weight", np.ascontiguousarray(up))]
+    gate, up = np.split(array, 2, axis=1)  # `encode` makes what it writes contiguous
+    return [(f"{experts}.gate_proj.weight", gate), (f"{experts}.up_proj.weight", up)]
 
 
 def name_map(arch: str, n_layer: int):

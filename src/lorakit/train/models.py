@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..export.arch import field_value, open_reader
 from ..fileio import set_plain_modes
 from .errors import ModelLoadError
 from ..merge import count_parameters
@@ -154,19 +155,13 @@ def converted_gguf(gguf: Path, log=None) -> Path:
 def _check_convertible(gguf: Path) -> None:
     """Refuse a mixture-of-experts GGUF before converting it: transformers' GGUF reader reads Mixtral's as a dense
     Llama whose MLP weights stay random (a silently different model) and other MoE architectures not at all."""
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(gguf).fields
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{gguf} is not a readable GGUF file ({exc})") from None
-    arch = fields.get("general.architecture")
-    arch = arch.contents() if arch is not None else None
-    experts = fields.get(f"{arch}.expert_count")
-    if experts is not None and int(experts.contents()) > 0:
-        raise ModelLoadError(f"{gguf} is a mixture-of-experts GGUF ({arch}, {int(experts.contents())} experts), which "
-                             "transformers cannot load faithfully: use the model's Hugging Face folder instead (for "
-                             "lorakit export --merged: --model FOLDER --source-gguf FILE.gguf)")
+    reader = open_reader(gguf)  # GGUFExportError (a LoraError) for an unreadable file
+    arch = field_value(reader, "general.architecture")
+    experts = int(field_value(reader, f"{arch}.expert_count", 0) or 0)
+    if experts > 0:
+        raise ModelLoadError(f"{gguf} is a mixture-of-experts GGUF ({arch}, {experts} experts), which transformers "
+                             "cannot load faithfully: use the model's Hugging Face folder instead (for lorakit "
+                             "export --merged: --model FOLDER --source-gguf FILE.gguf)")
 
 
 def model_folder(source: ModelSource, log=None) -> Path:

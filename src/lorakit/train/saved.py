@@ -76,7 +76,7 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
             f"{current_sha[:12]}... now)")
     trained = (info or {}).get("task", {}).get("labels")
     prep = Prepared(recipe, log, whole=split == "all", labels=trained)
-    _check_labels(trained, prep.task.describe().get("labels"), recipe.data, log)
+    _check_labels(trained, prep.task.describe().get("labels"), recipe.data)
     if adapter is not None:
         load_adapter(prep.model, adapter, trainable=False)
     examples = prep.dataset.examples if split == "all" else getattr(prep.splits, split)
@@ -95,7 +95,7 @@ def evaluate_adapter(adapter: str | Path | None, *, base: Recipe | None = None, 
             "recipe": recipe.to_dict()}
 
 
-def _check_labels(trained: list[str] | None, now: list[str] | None, data: str, log: Callable[[str], None]) -> None:
+def _check_labels(trained: list[str] | None, now: list[str] | None, data: str) -> None:
     """The evaluation data's labels against the trained run's: the answers (or head rows) are chosen among the
     trained labels (`Prepared(labels=...)`, whatever subset the data holds), so a label the run never learned
     makes the score meaningless (DataError naming it)."""

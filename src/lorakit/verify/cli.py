@@ -42,14 +42,14 @@ def run(args: argparse.Namespace) -> int:
 
     read_adapter(args.adapter)  # a missing or unreadable folder is bad input: before loading any model
     base = find_base(args.adapter, args.model)
+    base_gguf = Path(args.base_gguf) if args.base_gguf else base.gguf
+    if base_gguf is not None and not base_gguf.is_file():  # bad input: before loading any model
+        raise UsageError(f"--base-gguf {base_gguf} does not exist")
     model, tokenizer = load_base_model(base)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids if tokenizer is not None else None
     if ids is not None and ids.numel() == 0:  # a folder without tokenizer files loads an empty vocabulary
         ids = None
     # ids None: verify's fixed probe tokens
-    base_gguf = Path(args.base_gguf) if args.base_gguf else base.gguf
-    if base_gguf is not None and not base_gguf.is_file():
-        raise UsageError(f"--base-gguf {base_gguf} does not exist")
     report = verify(model, args.adapter, input_ids=ids, base_gguf=base_gguf,
                     peft=not args.no_peft, llama_cpp=not args.no_llama_cpp)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
